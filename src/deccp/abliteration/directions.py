@@ -34,9 +34,13 @@ def decoder_layers(model):
 
 @torch.no_grad()
 def collect_activations(model, tokenizer, prompts: list[str], *, positions: tuple[int, ...] = (-1,),
-                        batch_size: int = 16, system: str | None = None, desc: str = "activations") -> torch.Tensor:
+                        batch_size: int = 16, system: str | None = None, desc: str = "activations",
+                        answer_tokens: int = 0) -> tuple[torch.Tensor, list[str]]:
     """(n_prompts, n_layers, d_model) float32 on CPU: residual after each layer, averaged over `positions`
-    (negative offsets from the end of the prompt; left padding keeps them aligned)."""
+    (negative offsets from the end of the prompt; left padding keeps them aligned).
+
+    With `answer_tokens` > 0 the same pass also generates that many greedy tokens (the activations are
+    taken from its prompt pass), so each prompt comes with the start of the model's own answer."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     buf: list[torch.Tensor | None] = [None] * len(layers)
@@ -45,25 +49,35 @@ def collect_activations(model, tokenizer, prompts: list[str], *, positions: tupl
     def make_hook(i):
         def hook(module, args, out):
             h = out[0] if isinstance(out, tuple) else out
-            buf[i] = h[:, pos, :].float().mean(1).cpu()
+            if buf[i] is None:  # the prompt pass only, not the generation steps after it
+                buf[i] = h[:, pos, :].float().mean(1).cpu()
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     chunks = []
+    texts = [""] * len(prompts)
     try:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
             idx = order[start:start + batch_size]
             batch = encode_batch(tokenizer, [prompts[i] for i in idx], system, device=device)
-            model.model(**batch, use_cache=False)  # the base model only: no LM head over the vocabulary
+            buf[:] = [None] * len(layers)
+            if answer_tokens > 0:
+                out = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+                new = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for j, t in zip(idx, new, strict=True):
+                    texts[j] = t.strip()
+            else:
+                model.model(**batch, use_cache=False)  # the base model only: no LM head over the vocabulary
             chunks.append((idx, torch.stack(buf, dim=1)))
     finally:
         for h in handles:
             h.remove()
-    out = torch.empty(len(prompts), len(layers), chunks[0][1].shape[-1])
-    for idx, acts in chunks:
-        out[idx] = acts
-    return out
+    acts = torch.empty(len(prompts), len(layers), chunks[0][1].shape[-1])
+    for idx, a in chunks:
+        acts[idx] = a
+    return acts, texts
 
 
 def winsorize(acts: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -93,25 +107,29 @@ class ActivationCache:
         self.root = Path(root) if root else None
         self.fingerprint = fingerprint
 
-    def key(self, prompts: list[str], positions, system) -> str:
-        h = hashlib.sha256(json.dumps([self.fingerprint, prompts, list(positions), system],
+    def key(self, prompts: list[str], positions, system, answer_tokens) -> str:
+        h = hashlib.sha256(json.dumps([self.fingerprint, prompts, list(positions), system, answer_tokens],
                                       ensure_ascii=False).encode()).hexdigest()
         return h[:20]
 
-    def get_or_compute(self, model, tokenizer, prompts, *, positions, batch_size, system, desc) -> torch.Tensor:
+    def get_or_compute(self, model, tokenizer, prompts, *, positions, batch_size, system, desc,
+                       answer_tokens: int = 0) -> tuple[torch.Tensor, list[str]]:
         from safetensors.torch import load_file, save_file
 
-        path = self.root / f"acts-{self.key(prompts, positions, system)}.safetensors" if self.root else None
+        key = self.key(prompts, positions, system, answer_tokens)
+        path = self.root / f"acts-{key}.safetensors" if self.root else None
         if path is not None and path.is_file():
-            return load_file(path)["acts"]
-        acts = collect_activations(model, tokenizer, prompts, positions=tuple(positions), batch_size=batch_size,
-                                   system=system, desc=desc)
+            texts = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            return load_file(path)["acts"], texts
+        acts, texts = collect_activations(model, tokenizer, prompts, positions=tuple(positions), batch_size=batch_size,
+                                          system=system, desc=desc, answer_tokens=answer_tokens)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
             tmp = path.with_suffix(".tmp")
             save_file({"acts": acts.contiguous()}, str(tmp))
-            tmp.replace(path)
-        return acts
+            tmp.replace(path)  # written last: its presence means both files are complete
+        return acts, texts
 
 
 def mean_set(acts: torch.Tensor, winsorize_quantile: float | None = None) -> ActivationSet:

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -172,7 +171,7 @@ class LLMJudge:
                 hint = " (check DECCP_JUDGE_API_KEY)" if exc.code in (401, 403) else \
                     " (check the URL and DECCP_JUDGE_MODEL)" if exc.code in (404, 400, 422) else ""
                 raise DeccpError(f"LLM judge: {self.url} answered {last}{hint}") from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
                 last = f"{type(reason).__name__}: {self._scrub(str(reason))[:160]}" if not isinstance(
                     reason, str) else self._scrub(reason)[:160]

@@ -1,0 +1,95 @@
+"""Every knob of `deccp abliterate` / `train/abliterate.py`, as one dataclass (YAML recipe keys = field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class AbliterationConfig:
+    """Find the censorship-refusal direction and orthogonalise it out of the weights."""
+
+    # model and output
+    model: str = field(default="default", metadata={"help": "alias, Hub id, local directory or .gguf file"})
+    output_dir: str | None = field(default=None, metadata={"help": "default: outputs/abliterated/<model name>"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype of the passes: auto (bf16 on GPU and "
+                                                         "on CPUs with bf16 matrix units, else fp32), float32, bfloat16"})
+    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: offload a model larger than memory"})
+    trust_remote_code: bool = False
+    cache_dir: str | None = field(default=None, metadata={"help": "activation cache (default: $DECCP_CACHE/activations)"})
+
+    # prompt sets (sources: ours:<kind>:<split>, .txt/.jsonl/.csv/.parquet files, save_to_disk dirs, Hub ids)
+    bad_prompts: list[str] = field(default_factory=lambda: ["ours:sensitive:train"])
+    good_prompts: list[str] = field(default_factory=lambda: ["ours:harmless:train"])
+    harmful_prompts: list[str] = field(default_factory=lambda: ["ours:harmful:train"])
+    langs: list[str] = field(default_factory=lambda: ["en", "zh"])
+    max_prompts: int = field(default=96, metadata={"help": "cap per prompt set for the direction pass (balanced by language)"})
+    holdout: int = field(default=16, metadata={"help": "prompts per set and language held back to score candidates"})
+    system_prompt: str | None = None
+    positions: list[int] = field(default_factory=lambda: [-1], metadata={"help": "token offsets from the prompt end"})
+    batch_size: int = 16
+    filter_by_behavior: bool = field(default=True, metadata={
+        "help": "directions from what the model does: refused sensitive/harmful prompts vs answered harmless ones"})
+    answer_tokens: int = field(default=12, metadata={"help": "answer prefix generated to label refusals"})
+    min_filtered: int = field(default=8, metadata={"help": "fall back to the whole set below this many prompts"})
+    winsorize_quantile: float | None = field(default=None, metadata={"help": "e.g. 0.995: clamp outlier activations"})
+
+    # the edit
+    direction_layer: float | None = field(default=None, metadata={"help": "fractional layer index; none: choose"})
+    candidate_layers: list[float] | None = field(default=None, metadata={"help": "layers scored when choosing"})
+    candidate_range: list[float] = field(default_factory=lambda: [0.35, 0.8])
+    num_candidates: int = 5
+    variant: Literal["plain", "projected", "biprojected"] = "projected"
+    targeted: bool = field(default=True, metadata={"help": "keep refusals of harmful requests (Wang et al. 2024)"})
+    targeted_coef: float = 1.0
+    attn_peak: float | None = None
+    attn_width: float | None = None
+    attn_max_weight: float = 1.0
+    attn_min_weight: float = 1.0
+    mlp_peak: float | None = None
+    mlp_width: float | None = None
+    mlp_max_weight: float = 1.0
+    mlp_min_weight: float = 1.0
+    embed_weight: float = 0.0
+
+    # scoring, search
+    score_max_new_tokens: int = field(default=12, metadata={"help": "answer prefix judged when scoring candidates"})
+    kl_weight: float = 1.0
+    harmful_weight: float = 2.0
+    search: bool = field(default=False, metadata={"help": "run an Optuna study instead of the layer sweep"})
+    n_trials: int = 30
+    study_path: str | None = field(default=None, metadata={"help": "SQLite file (default: <output_dir>.study.db)"})
+    seed: int = 0
+
+    # before/after check
+    check: bool = True
+    check_split: str = "eval"
+    check_prompts: int = field(default=32, metadata={"help": "per set and language"})
+    check_max_new_tokens: int = 24
+    examples: int = 3
+    example_max_new_tokens: int = 96
+    max_shard_size: str = "2GB"
+
+    def __post_init__(self):
+        from deccp import DeccpError
+
+        problems = []
+        if self.max_prompts < 2:
+            problems.append("max_prompts: at least 2")
+        if not self.positions or any(p >= 0 for p in self.positions):
+            problems.append("positions: negative offsets from the prompt end, e.g. [-1]")
+        if len(self.candidate_range) != 2 or not 0 <= self.candidate_range[0] < self.candidate_range[1] <= 1:
+            problems.append("candidate_range: two fractions 0 <= lo < hi <= 1")
+        if self.winsorize_quantile is not None and not 0.5 < self.winsorize_quantile <= 1:
+            problems.append("winsorize_quantile: between 0.5 and 1")
+        if not 0 <= self.targeted_coef <= 1:
+            problems.append("targeted_coef: between 0 and 1")
+        for lang in self.langs:
+            if lang not in ("en", "zh", "zh-Hant"):
+                problems.append(f"langs: unknown language {lang!r}")
+        if self.check_split not in ("train", "eval"):
+            problems.append("check_split: train or eval")
+        if problems:
+            raise DeccpError("invalid abliteration config: " + "; ".join(problems))

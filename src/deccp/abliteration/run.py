@@ -1,0 +1,319 @@
+"""`deccp abliterate` / `python train/abliterate.py`: directions → choice of edit → check → streamed edit → record."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from deccp import DeccpError, __version__
+from deccp.abliteration.config import AbliterationConfig
+from deccp.abliteration.directions import ActivationCache, compute_directions, mean_set
+from deccp.abliteration.edits import Kernel, LiveEdit, check_architecture
+from deccp.abliteration.plan import EditParams, build_plan
+from deccp.abliteration.scoring import Measurement, PromptSets, Scorer, short_answers
+from deccp.abliteration.search import candidate_layers, layer_sweep, optuna_search
+from deccp.abliteration.streaming import stream_edit
+from deccp.data.load import load_prompts
+from deccp.data.schema import Prompt
+from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside
+from deccp.models import cache_dir, fingerprint, load_model, resolve_model
+
+logger = logging.getLogger(__name__)
+RECORD = "abliteration.json"
+
+
+def compute_dtype(name: str) -> str:
+    """`auto`: bfloat16 on CUDA and on CPUs with bf16 matrix units (AMX/AVX512-BF16), else float32."""
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    except Exception:
+        return "float32"
+
+
+def _stable_order(prompts: list[Prompt], seed: int) -> list[Prompt]:
+    return sorted(prompts, key=lambda p: hashlib.sha256(f"{seed}|{p.qid or p.text}|{p.lang}".encode()).hexdigest())
+
+
+def _gather(sources: list[str], langs: list[str]) -> list[Prompt]:
+    out: list[Prompt] = []
+    for src in sources:
+        ps = load_prompts(src)
+        out.extend(p for p in ps if p.lang in langs)
+    if not out:
+        raise DeccpError(f"no prompts in {sources} for languages {langs}")
+    return out
+
+
+def split_holdout(prompts: list[Prompt], per_lang: int, cap: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(direction prompts capped at `cap`, balanced by language; held-back prompts, `per_lang` per language).
+    Whole questions (qids) go to one side, so no translation of a held-back question is in the direction set."""
+    by_lang: dict[str, list[Prompt]] = {}
+    for p in _stable_order(prompts, seed):
+        by_lang.setdefault(p.lang, []).append(p)
+    held_qids: set[str] = set()
+    held: list[Prompt] = []
+    for lang, ps in by_lang.items():
+        for p in ps:
+            if len([h for h in held if h.lang == lang]) >= per_lang:
+                break
+            held.append(p)
+            if p.qid:
+                held_qids.add(p.qid)
+    rest = [p for p in _stable_order(prompts, seed) if p not in held and not (p.qid and p.qid in held_qids)]
+    per = max(1, cap // max(1, len(by_lang)))
+    chosen: list[Prompt] = []
+    for lang in by_lang:
+        chosen.extend([p for p in rest if p.lang == lang][:per])
+    return chosen, held
+
+
+def behavior_subset(acts, texts: list[str], prompts: list[Prompt], want_refusal: bool, cfg: AbliterationConfig):
+    """Rows whose answer prefix is (or is not) a refusal; the whole set when filtering is off or too few match."""
+    from deccp.judges.refusal import is_refusal
+
+    if not cfg.filter_by_behavior:
+        return acts, f"{len(prompts)} (unfiltered)"
+    keep = [i for i, (t, p) in enumerate(zip(texts, prompts, strict=True)) if is_refusal(t, p.lang) == want_refusal]
+    if len(keep) < cfg.min_filtered:
+        return acts, f"{len(prompts)} (only {len(keep)} {'refused' if want_refusal else 'answered'}: unfiltered)"
+    return acts[keep], f"{len(keep)}/{len(prompts)} {'refused' if want_refusal else 'answered'}"
+
+
+def _texts_hash(prompts: list[Prompt]) -> str:
+    return hashlib.sha256("\n".join(p.text for p in prompts).encode()).hexdigest()[:16]
+
+
+def base_params(cfg: AbliterationConfig, n_layers: int, layer: float) -> EditParams:
+    def kernel(prefix: str) -> Kernel | None:
+        peak, width = getattr(cfg, f"{prefix}_peak"), getattr(cfg, f"{prefix}_width")
+        mx, mn = getattr(cfg, f"{prefix}_max_weight"), getattr(cfg, f"{prefix}_min_weight")
+        if peak is None and width is None and mx == 1.0 and mn == 1.0:
+            return None
+        return Kernel(peak=layer if peak is None else peak, width=float(n_layers) if width is None else width,
+                      max_weight=mx, min_weight=mn)
+
+    return EditParams(direction_layer=layer, variant=cfg.variant, targeted=cfg.targeted,
+                      targeted_coef=cfg.targeted_coef if cfg.targeted else 0.0, attn=kernel("attn"), mlp=kernel("mlp"),
+                      embed_weight=cfg.embed_weight)
+
+
+def _check_sets(cfg: AbliterationConfig) -> PromptSets:
+    def pick(kind: str) -> list[Prompt]:
+        ps = [p for p in load_prompts(f"ours:{kind}:{cfg.check_split}") if p.lang in cfg.langs]
+        out = []
+        for lang in cfg.langs:
+            out.extend([p for p in _stable_order(ps, cfg.seed + 1) if p.lang == lang][:cfg.check_prompts])
+        return out
+
+    return PromptSets(sensitive=pick("sensitive"), harmful=pick("harmful"), harmless=pick("harmless"))
+
+
+def run(cfg: AbliterationConfig, *, log=print) -> dict:
+    """Run the whole abliteration; returns the record written to `<output_dir>/abliteration.json`."""
+    import torch
+
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        timings[name] = round(time.time() - t0, 2)
+        return time.time()
+
+    src = resolve_model(cfg.model)
+    name = Path(src).name if Path(src).name not in ("", ".") else "model"
+    out = Path(cfg.output_dir or Path("outputs") / "abliterated" / name)
+    ensure_not_inside(out, src)
+    if out.exists() and not cfg.overwrite:
+        raise DeccpError(f"{out}: already exists (pass --overwrite true or another --output_dir)")
+    t = time.time()
+
+    bad_all = _gather(cfg.bad_prompts, cfg.langs)
+    good_all = _gather(cfg.good_prompts, cfg.langs)
+    harmful_all = _gather(cfg.harmful_prompts, cfg.langs)
+    bad, bad_held = split_holdout(bad_all, cfg.holdout, cfg.max_prompts, cfg.seed)
+    good, good_held = split_holdout(good_all, cfg.holdout, cfg.max_prompts, cfg.seed)
+    harmful, harmful_held = split_holdout(harmful_all, max(1, cfg.holdout // 2), cfg.max_prompts // 2, cfg.seed)
+    check_sets = _check_sets(cfg) if cfg.check else None
+    dtype = compute_dtype(cfg.dtype)
+    model, tok = load_model(src, dtype=dtype, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code)
+    check_architecture(model.config)
+    torch.manual_seed(cfg.seed)
+    t = lap("load", t)
+    log(f"model {src} ({model.config.model_type}, {model.config.num_hidden_layers} layers, {dtype}); "
+        f"prompts: {len(bad)} sensitive, {len(good)} harmless, {len(harmful)} harmful for directions")
+
+    cache = ActivationCache(Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "activations",
+                            f"{fingerprint(src)}-{dtype}")
+    acts, used = {}, {}
+    for key, ps, want_refusal in (("bad", bad, True), ("good", good, False), ("harmful", harmful, True)):
+        a, texts = cache.get_or_compute(model, tok, [p.text for p in ps], positions=cfg.positions,
+                                        batch_size=cfg.batch_size, system=cfg.system_prompt, desc=f"{key} activations",
+                                        answer_tokens=cfg.answer_tokens if cfg.filter_by_behavior else 0)
+        acts[key], used[key] = behavior_subset(a, texts, ps, want_refusal, cfg)
+    log("direction prompts used (by the model's own behaviour): " + ", ".join(f"{k} {v}" for k, v in used.items()))
+    dirs = compute_directions(mean_set(acts["bad"], cfg.winsorize_quantile), mean_set(acts["good"], cfg.winsorize_quantile),
+                              mean_set(acts["harmful"], cfg.winsorize_quantile) if cfg.targeted else None)
+    t = lap("directions", t)
+
+    n_layers = model.config.num_hidden_layers
+    names = [n for n, _ in model.named_parameters()]
+    scorer = Scorer(model, tok, PromptSets(bad_held, harmful_held, good_held), max_new_tokens=cfg.score_max_new_tokens,
+                    batch_size=cfg.batch_size, system=cfg.system_prompt, kl_weight=cfg.kl_weight,
+                    harmful_weight=cfg.harmful_weight)
+    log(f"unedited (held-back prompts): refusal {scorer.base.refusal}")
+    search_info: dict = {}
+    if cfg.search:
+        study = Path(cfg.study_path) if cfg.study_path else out.with_name(out.name + ".study.db")
+        best, trials, pareto = optuna_search(model, scorer, dirs, base_params(cfg, n_layers, 0.0), names,
+                                             n_trials=cfg.n_trials, seed=cfg.seed, storage_path=study,
+                                             layer_range=tuple(cfg.candidate_range),
+                                             plot_path=out.with_name(out.name + ".pareto.png"))
+        log("Pareto front (sensitive+harmless refusal, KL, lost harmful refusals):")
+        for tr in sorted(pareto, key=lambda x: x.score):
+            log(f"  layer {tr.params.direction_layer:5.2f} {tr.params.variant:<11} score {tr.score:.3f} "
+                f"refusal {tr.measurement.refusal} kl {tr.measurement.kl:.4f}")
+        search_info = {"study": str(study), "trials": [x.to_dict() for x in trials],
+                       "pareto": [x.to_dict() for x in pareto], "plot": str(out.with_name(out.name + ".pareto.png"))}
+        params = best.params
+    elif cfg.direction_layer is not None:
+        params = base_params(cfg, n_layers, cfg.direction_layer)
+    else:
+        layers = cfg.candidate_layers or candidate_layers(n_layers, *cfg.candidate_range, cfg.num_candidates)
+        best, trials = layer_sweep(model, scorer, dirs, base_params(cfg, n_layers, layers[0]), layers, names, log)
+        params = best.params
+        search_info = {"sweep": [x.to_dict() for x in trials]}
+    t = lap("selection", t)
+    plan = build_plan(dirs, params, names, tied_embeddings=bool(model.config.tie_word_embeddings))
+    log(f"chosen: direction layer {params.direction_layer:.2f}, variant {params.variant}, "
+        f"targeted {params.targeted} (coef {params.targeted_coef:.2f}), {len(plan.edits)} matrices")
+
+    check: dict = {}
+    if check_sets is not None:
+        check = before_after(model, tok, plan, check_sets, cfg)
+        t = lap("check", t)
+
+    with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
+        info = stream_edit(src, tmp, plan)
+        from safetensors.torch import save_file
+
+        save_file(dirs.tensors(), str(tmp / "directions.safetensors"),
+                  metadata={"direction_layer": str(params.direction_layer)})
+        t = lap("edit_and_save", t)
+        timings["total"] = round(time.time() - t_start, 2)
+        record = {
+            "deccp_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source_model": str(src),
+            "source_fingerprint": fingerprint(src),
+            "config": asdict(cfg),
+            "chosen": {**params.to_dict(), "plan": plan.summary()},
+            "compute_dtype": dtype,
+            "datasets": {k: {"sources": s, "count": len(ps), "sha256": _texts_hash(ps)}
+                         for k, s, ps in (("bad", cfg.bad_prompts, bad), ("good", cfg.good_prompts, good),
+                                          ("harmful", cfg.harmful_prompts, harmful))},
+            "held_back": {"sensitive": len(bad_held), "harmless": len(good_held), "harmful": len(harmful_held)},
+            "layer_separation": [round(x, 4) for x in dirs.separation()],
+            "selection": {"unedited": scorer.base.to_dict(), **search_info},
+            "check": check,
+            "stream": info,
+            "timings_s": timings,
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        }
+        atomic_write_json(tmp / RECORD, record)
+    log(format_summary(record))
+    log(f"saved {out}")
+    return record
+
+
+def before_after(model, tok, plan, sets: PromptSets, cfg: AbliterationConfig) -> dict:
+    """Refusal and KL of the unedited and the edited model on the check split, and a few example answers."""
+    scorer = Scorer(model, tok, sets, max_new_tokens=cfg.check_max_new_tokens, batch_size=cfg.batch_size,
+                    system=cfg.system_prompt)
+    before = scorer.base
+    with LiveEdit(model, plan):
+        after = scorer.measure()
+    examples = []
+    picks = _example_prompts(sets.sensitive, cfg.examples)
+    if picks:
+        texts = [p.text for p in picks]
+        kw = dict(max_new_tokens=cfg.example_max_new_tokens, batch_size=cfg.batch_size, system=cfg.system_prompt)
+        b, _ = short_answers(model, tok, texts, **kw)
+        with LiveEdit(model, plan):
+            a, _ = short_answers(model, tok, texts, **kw)
+        examples = [{"prompt": p.text, "lang": p.lang, "before": x, "after": y} for p, x, y in zip(picks, b, a, strict=True)]
+    return {"split": cfg.check_split, "before": _with_ci(before), "after": _with_ci(after), "examples": examples}
+
+
+def _example_prompts(prompts: list[Prompt], n: int) -> list[Prompt]:
+    by_lang: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_lang.setdefault(p.lang, []).append(p)
+    out, langs = [], list(by_lang)
+    i = 0
+    while len(out) < n and any(by_lang.values()):
+        lang = langs[i % len(langs)]
+        if by_lang[lang]:
+            out.append(by_lang[lang].pop(0))
+        i += 1
+    return out
+
+
+def _with_ci(m: Measurement) -> dict:
+    d = m.to_dict()
+    d["ci95"] = {k: [round(x, 4) for x in m.ci(k)[1:]] for k in m.counts}
+    return d
+
+
+def format_summary(record: dict) -> str:
+    check = record.get("check") or {}
+    lines = ["", "abliteration: before → after " + (f"({check.get('split')} split sample)" if check else "")]
+    if check:
+        b, a = check["before"], check["after"]
+        for key in sorted(b["refusal"]):
+            n = b["counts"][key][1]
+            lines.append(f"  refusal {key:<16} {b['refusal'][key]:6.1%} → {a['refusal'][key]:6.1%}   (n={n})")
+        lines.append(f"  first-token KL (harmless)  {b['kl_first_token']:.4f} → {a['kl_first_token']:.4f}")
+        for ex in check.get("examples", []):
+            lines.append(f"\n  Q [{ex['lang']}]: {ex['prompt']}")
+            lines.append(f"    before: {_short(ex['before'])}")
+            lines.append(f"    after:  {_short(ex['after'])}")
+    lines.append("")
+    lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in record["timings_s"].items()))
+    return "\n".join(lines)
+
+
+def _short(text: str, n: int = 220) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deccp.config import parse_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    (cfg,) = parse_config([AbliterationConfig], argv)
+    try:
+        run(cfg)
+    except DeccpError as exc:
+        print(f"deccp abliterate: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["AbliterationConfig", "RECORD", "format_summary", "main", "run"]
