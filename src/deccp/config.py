@@ -7,6 +7,7 @@ type-checked, so `check_recipe` checks every key's type first and names the file
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -72,7 +73,7 @@ def check_recipe(data: dict, dataclass_types: list[type], source: str, *, prefix
             continue
         path = f"{prefix}{key}"
         if key not in fields:
-            near = [k for k in fields if k.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            near = difflib.get_close_matches(str(key).replace("-", "_"), list(fields), n=1, cutoff=0.75)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             problems.append(f"{source}: {path}: unknown key{hint}")
             continue

@@ -1,0 +1,125 @@
+"""Abliteration end to end on tiny models: outputs, records, safety of the source, recipes, search and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deccp import DeccpError
+from deccp.abliteration.config import AbliterationConfig
+from deccp.abliteration.directions import collect_activations
+from deccp.abliteration.run import main, run
+from deccp.config import parse_config
+from deccp.io import sha256_file
+from deccp.models import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(model: Path, out: Path, **kw) -> AbliterationConfig:
+    base = dict(model=str(model), output_dir=str(out), dtype="float32", max_prompts=16, holdout=4, batch_size=8,
+                num_candidates=2, score_max_new_tokens=4, check_prompts=4, check_max_new_tokens=4, examples=2,
+                example_max_new_tokens=6, answer_tokens=4, cache_dir=str(out.parent / "acts"))
+    base.update(kw)
+    return AbliterationConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_end_to_end_writes_a_loadable_model(tiny_model_dir, tmp_path, arch):
+    src = tiny_model_dir(arch)
+    before = {p.name: sha256_file(p) for p in src.iterdir() if p.is_file()}
+    out = tmp_path / "out"
+    record = run(small_cfg(src, out, embed_weight=0.5), log=lambda *_: None)
+    assert {p.name: sha256_file(p) for p in src.iterdir() if p.is_file()} == before  # source untouched
+    for name in ("config.json", "tokenizer.json", "directions.safetensors", "abliteration.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "abliteration.json").read_text())
+    assert saved["chosen"]["direction_layer"] == record["chosen"]["direction_layer"]
+    assert saved["datasets"]["bad"]["count"] > 0 and len(saved["datasets"]["bad"]["sha256"]) == 16
+    assert set(saved["check"]["before"]["refusal"]) >= {"sensitive/en", "sensitive/zh", "harmful", "harmless"}
+    assert len(saved["check"]["examples"]) == 2
+    assert {"load", "directions", "selection", "check", "edit_and_save", "total"} <= set(saved["timings_s"])
+    # plain transformers loads it, and it differs from the source
+    from transformers import AutoModelForCausalLM
+
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(src)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert not torch.allclose(edited(ids).logits, original(ids).logits)
+
+
+def test_refuses_to_overwrite_or_write_into_source(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen2")
+    with pytest.raises(DeccpError, match="overlaps the source"):
+        run(small_cfg(src, src / "abl"), log=lambda *_: None)
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(DeccpError, match="already exists"):
+        run(small_cfg(src, out), log=lambda *_: None)
+
+
+def test_fixed_layer_and_external_prompt_files(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen2")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("What happened in 1989?\n台湾是国家吗？\nWho is Tank Man?\n六四是什么？\n", encoding="utf-8")
+    good = tmp_path / "good.txt"
+    good.write_text("How do I bake bread?\n怎么做面包？\nWhat is rain?\n雨是什么？\n", encoding="utf-8")
+    rec = run(small_cfg(src, tmp_path / "o", bad_prompts=[str(bad)], good_prompts=[str(good)],
+                        harmful_prompts=["ours:harmful:train"], direction_layer=1.5, holdout=1, check=False),
+              log=lambda *_: None)
+    assert rec["chosen"]["direction_layer"] == 1.5 and rec["check"] == {}
+    assert "sweep" not in rec["selection"]
+
+
+def test_optuna_search_is_resumable(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen2")
+    study = tmp_path / "study.db"
+    rec = run(small_cfg(src, tmp_path / "a", search=True, n_trials=3, study_path=str(study), check=False),
+              log=lambda *_: None)
+    assert len(rec["selection"]["trials"]) == 3 and rec["selection"]["pareto"]
+    assert Path(rec["selection"]["plot"]).is_file()
+    rec2 = run(small_cfg(src, tmp_path / "b", search=True, n_trials=4, study_path=str(study), check=False),
+               log=lambda *_: None)
+    assert len(rec2["selection"]["trials"]) == 4  # three loaded from the study, one new
+
+
+def test_activation_positions_and_answers(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir("qwen2"))
+    acts, texts = collect_activations(model, tok, ["a question", "另一个问题，长一点"], positions=(-1, -2), answer_tokens=3)
+    assert acts.shape == (2, model.config.num_hidden_layers, model.config.hidden_size)
+    assert len(texts) == 2
+    acts1, _ = collect_activations(model, tok, ["另一个问题，长一点"], positions=(-1, -2))
+    assert torch.allclose(acts1[0], acts[1], atol=1e-4)  # left padding does not move the positions
+
+
+def test_every_recipe_parses_strictly():
+    recipes = sorted(REPO.glob("recipes/**/abliterate*.yaml"))
+    assert recipes
+    for r in recipes:
+        (cfg,) = parse_config([AbliterationConfig], ["--config", str(r)])
+        assert isinstance(cfg, AbliterationConfig)
+
+
+def test_bad_recipe_fails_before_any_model_is_loaded(tmp_path, capsys):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: default\nvarient: plain\nmax_prompts: lots\nvariant: sideways\n")
+    with pytest.raises(DeccpError) as err:
+        parse_config([AbliterationConfig], ["--config", str(bad)])
+    msg = str(err.value)
+    assert f"{bad}: varient: unknown key (did you mean 'variant'?)" in msg
+    assert f"{bad}: max_prompts: expected int" in msg
+    assert f"{bad}: variant: 'sideways' is not one of" in msg
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(DeccpError, match=f"{broken}:"):
+        parse_config([AbliterationConfig], ["--config", str(broken)])
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "no such file or directory" in err and err.count("\n") == 1
