@@ -55,7 +55,7 @@ eval: $(STAMP)
 	@echo "make eval: not implemented yet (issue #4, evaluation)"; exit 2
 
 bench: $(STAMP)
-	$(PY) -m deccp.bench $(model_arg) --output bench.json
+	$(PY) -m deccp.bench --model $(MODEL) --output $(or $(OUT),bench.json)
 
 pipeline: $(STAMP)
 	@echo "make pipeline: not implemented yet (issue #6, pipeline)"; exit 2

@@ -90,10 +90,19 @@ def test_optuna_search_is_resumable(tiny_model_dir, tmp_path):
 def test_activation_positions_and_answers(tiny_model_dir):
     model, tok = load_model(tiny_model_dir("qwen2"))
     acts, texts = collect_activations(model, tok, ["a question", "另一个问题，长一点"], positions=(-1, -2), answer_tokens=3)
-    assert acts.shape == (2, model.config.num_hidden_layers, model.config.hidden_size)
+    assert acts.shape == (2, model.config.num_hidden_layers, 2, model.config.hidden_size)
     assert len(texts) == 2
     acts1, _ = collect_activations(model, tok, ["另一个问题，长一点"], positions=(-1, -2))
     assert torch.allclose(acts1[0], acts[1], atol=1e-4)  # left padding does not move the positions
+
+
+def test_position_select_sweeps_each_position(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("qwen2")
+    rec = run(small_cfg(src, tmp_path / "o", positions=[-1, -3], position_mode="select", check=False),
+              log=lambda *_: None)
+    sweep = rec["selection"]["sweep"]
+    assert {t["position"] for t in sweep} == {-1, -3}
+    assert rec["selection"]["position"] in (-1, -3)
 
 
 def test_every_recipe_parses_strictly():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from deccp import DeccpError, __version__
@@ -38,6 +39,23 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deccp.judges import LLMJudge, judge_file
+
+    src = Path(args.file)
+    out = Path(args.out) if args.out else src.with_name(src.stem + ".judged.jsonl")
+    use_llm = args.llm_url or args.llm_model or os.environ.get("DECCP_JUDGE_URL")
+    llm = LLMJudge(base_url=args.llm_url, model=args.llm_model) if use_llm else None
+    counts = judge_file(src, out, llm=llm)
+    total = sum(counts.values()) or 1
+    for label, n in counts.items():
+        print(f"{label:<16} {n:>6}  {n / total:6.1%}")
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_abliterate(args: argparse.Namespace) -> int:
     from deccp.abliteration.run import main as abliterate_main
 
@@ -66,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("judge", help="label answers (JSONL of prompt, answer[, lang, id]) with refusal and label")
+    p.add_argument("file")
+    p.add_argument("--out", default=None, help="default: FILE.judged.jsonl")
+    p.add_argument("--llm-url", default=None, help="OpenAI-compatible endpoint for the optional LLM judge "
+                                                   "(or DECCP_JUDGE_URL)")
+    p.add_argument("--llm-model", default=None, help="model name at that endpoint (or DECCP_JUDGE_MODEL)")
+    p.set_defaults(func=_cmd_judge)
 
     p = sub.add_parser("abliterate", help="find the censorship direction and remove it from the weights",
                        add_help=False)

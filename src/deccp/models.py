@@ -237,9 +237,8 @@ def gguf_file_type(path: Path) -> str:
 def convert_gguf(gguf_path: Path, final: Path, provenance: dict) -> Path:
     """Dequantize a GGUF file into an ordinary float32 safetensors model directory at `final` (atomically)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     file_type = gguf_file_type(gguf_path)
@@ -318,7 +317,6 @@ def as_plain_model(model):
 # ------------------------------------------------------------------------------------ loading
 def load_model(path: str | os.PathLike, *, dtype: str = "auto", device_map=None, trust_remote_code: bool = False):
     """Load (model, tokenizer) from a local directory; left padding and a pad token for batched generation."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)

@@ -29,6 +29,8 @@ class AbliterationConfig:
     holdout: int = field(default=16, metadata={"help": "prompts per set and language held back to score candidates"})
     system_prompt: str | None = None
     positions: list[int] = field(default_factory=lambda: [-1], metadata={"help": "token offsets from the prompt end"})
+    position_mode: Literal["mean", "select"] = field(default="mean", metadata={
+        "help": "mean: average the positions; select: each position is a candidate (Arditi et al.)"})
     batch_size: int = 16
     filter_by_behavior: bool = field(default=True, metadata={
         "help": "directions from what the model does: refused sensitive/harmful prompts vs answered harmless ones"})

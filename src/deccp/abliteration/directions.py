@@ -36,8 +36,8 @@ def decoder_layers(model):
 def collect_activations(model, tokenizer, prompts: list[str], *, positions: tuple[int, ...] = (-1,),
                         batch_size: int = 16, system: str | None = None, desc: str = "activations",
                         answer_tokens: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """(n_prompts, n_layers, d_model) float32 on CPU: residual after each layer, averaged over `positions`
-    (negative offsets from the end of the prompt; left padding keeps them aligned).
+    """(n_prompts, n_layers, n_positions, d_model) float32 on CPU: the residual stream after each layer at
+    `positions` (negative offsets from the end of the prompt; left padding keeps them aligned).
 
     With `answer_tokens` > 0 the same pass also generates that many greedy tokens (the activations are
     taken from its prompt pass), so each prompt comes with the start of the model's own answer."""
@@ -50,7 +50,7 @@ def collect_activations(model, tokenizer, prompts: list[str], *, positions: tupl
         def hook(module, args, out):
             h = out[0] if isinstance(out, tuple) else out
             if buf[i] is None:  # the prompt pass only, not the generation steps after it
-                buf[i] = h[:, pos, :].float().mean(1).cpu()
+                buf[i] = h[:, pos, :].float().cpu()
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
@@ -74,7 +74,7 @@ def collect_activations(model, tokenizer, prompts: list[str], *, positions: tupl
     finally:
         for h in handles:
             h.remove()
-    acts = torch.empty(len(prompts), len(layers), chunks[0][1].shape[-1])
+    acts = torch.empty(len(prompts), len(layers), len(pos), chunks[0][1].shape[-1])
     for idx, a in chunks:
         acts[idx] = a
     return acts, texts
@@ -84,11 +84,11 @@ def winsorize(acts: torch.Tensor, quantile: float) -> torch.Tensor:
     """Clamp each layer's activation components to ±(the `quantile` of their absolute values)."""
     out = acts.clone()
     for layer in range(acts.shape[1]):
-        a = acts[:, layer, :]
+        a = acts[:, layer]
         flat = a.abs().flatten()
         k = max(1, int(quantile * flat.numel()))
         t = flat.kthvalue(k).values
-        out[:, layer, :] = a.clamp(-t, t)
+        out[:, layer] = a.clamp(-t, t)
     return out
 
 
@@ -108,7 +108,7 @@ class ActivationCache:
         self.fingerprint = fingerprint
 
     def key(self, prompts: list[str], positions, system, answer_tokens) -> str:
-        h = hashlib.sha256(json.dumps([self.fingerprint, prompts, list(positions), system, answer_tokens],
+        h = hashlib.sha256(json.dumps(["v2", self.fingerprint, prompts, list(positions), system, answer_tokens],
                                       ensure_ascii=False).encode()).hexdigest()
         return h[:20]
 
@@ -132,9 +132,11 @@ class ActivationCache:
         return acts, texts
 
 
-def mean_set(acts: torch.Tensor, winsorize_quantile: float | None = None) -> ActivationSet:
+def mean_set(acts: torch.Tensor, winsorize_quantile: float | None = None, position: int | None = None) -> ActivationSet:
+    """Mean over prompts of (n, layers, positions, d) activations, at one position index or averaged over all."""
     if winsorize_quantile:
         acts = winsorize(acts, winsorize_quantile)
+    acts = acts.mean(2) if position is None else acts[:, :, position]
     return ActivationSet(mean=acts.double().mean(0), count=acts.shape[0])
 
 

@@ -8,7 +8,15 @@ from typing import Literal
 import torch
 
 from deccp.abliteration.directions import Directions
-from deccp.abliteration.edits import TARGET_PATTERNS, EditPlan, Kernel, ModuleEdit, interpolate, orthogonalize, unit
+from deccp.abliteration.edits import (
+    TARGET_PATTERNS,
+    EditPlan,
+    Kernel,
+    ModuleEdit,
+    interpolate,
+    orthogonalize,
+    unit,
+)
 
 Variant = Literal["plain", "projected", "biprojected"]
 

@@ -162,8 +162,14 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
                                         answer_tokens=cfg.answer_tokens if cfg.filter_by_behavior else 0)
         acts[key], used[key] = behavior_subset(a, texts, ps, want_refusal, cfg)
     log("direction prompts used (by the model's own behaviour): " + ", ".join(f"{k} {v}" for k, v in used.items()))
-    dirs = compute_directions(mean_set(acts["bad"], cfg.winsorize_quantile), mean_set(acts["good"], cfg.winsorize_quantile),
-                              mean_set(acts["harmful"], cfg.winsorize_quantile) if cfg.targeted else None)
+    def directions_at(position: int | None):
+        return compute_directions(*(mean_set(acts[k], cfg.winsorize_quantile, position) if k != "harmful" or cfg.targeted
+                                    else None for k in ("bad", "good", "harmful")))
+
+    position_options: list[int | None] = (list(range(len(cfg.positions))) if cfg.position_mode == "select"
+                                          and len(cfg.positions) > 1 else [None])
+    dirs_by_position = {p: directions_at(p) for p in position_options}
+    dirs = dirs_by_position[position_options[0]]
     t = lap("directions", t)
 
     n_layers = model.config.num_hidden_layers
@@ -190,9 +196,17 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
         params = base_params(cfg, n_layers, cfg.direction_layer)
     else:
         layers = cfg.candidate_layers or candidate_layers(n_layers, *cfg.candidate_range, cfg.num_candidates)
-        best, trials = layer_sweep(model, scorer, dirs, base_params(cfg, n_layers, layers[0]), layers, names, log)
-        params = best.params
-        search_info = {"sweep": [x.to_dict() for x in trials]}
+        best, sweep = None, []
+        for position, d in dirs_by_position.items():
+            if position is not None:
+                log(f"position {cfg.positions[position]}:")
+            b, trials = layer_sweep(model, scorer, d, base_params(cfg, n_layers, layers[0]), layers, names, log)
+            sweep += [{**x.to_dict(), "position": None if position is None else cfg.positions[position]} for x in trials]
+            if best is None or b.score < best[0].score:
+                best = (b, position)
+        params, dirs = best[0].params, dirs_by_position[best[1]]
+        chosen_position = None if best[1] is None else cfg.positions[best[1]]
+        search_info = {"sweep": sweep, "position": chosen_position}
     t = lap("selection", t)
     plan = build_plan(dirs, params, names, tied_embeddings=bool(model.config.tie_word_embeddings))
     log(f"chosen: direction layer {params.direction_layer:.2f}, variant {params.variant}, "
