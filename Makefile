@@ -51,8 +51,8 @@ model: $(STAMP)  ## fetch and convert the model (default: the embedded default m
 abliterate: $(STAMP)
 	$(PY) train/abliterate.py --config $(or $(RECIPE),recipes/qwen2.5-coder-0.5b/abliterate.yaml) $(model_arg) $(out_arg)
 
-eval: $(STAMP)
-	@echo "make eval: not implemented yet (issue #4, evaluation)"; exit 2
+eval: $(STAMP)  ## MODEL=… [BASE=…] [OUT=…] [RECIPE=…]
+	$(PY) eval/evaluate.py --config $(or $(RECIPE),recipes/qwen2.5-coder-0.5b/eval.yaml) --model $(MODEL) $(if $(BASE),--base $(BASE),) $(out_arg)
 
 bench: $(STAMP)
 	$(PY) -m deccp.bench --model $(MODEL) --output $(or $(OUT),bench.json)

@@ -200,24 +200,30 @@ def _task_managers(include_dir: Path, names: list[str]):
     return TaskManager(include_path=str(include_dir), include_defaults=True)
 
 
-def _load_one(tm, name: str) -> list:
-    """Build one task/group/tag (this loads its dataset), turning failures into a DeccpError naming it."""
-    if name not in tm.all_tasks:
+def _check_known(tm, names: list[str]) -> None:
+    """Raise a DeccpError naming the first unknown task, before any dataset is loaded."""
+    for name in names:
+        if name in tm.all_tasks:
+            continue
         close = difflib.get_close_matches(name, tm.all_tasks, n=3, cutoff=0.75)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise DeccpError(
             f"{name}: unknown lm-eval task ({hint}deccp's tasks: {', '.join(LOCAL_TASKS)}; "
             f"standard ones include {', '.join(STANDARD_TASKS)})"
         )
+
+
+def _load_one(tm, name: str) -> list:
+    """Build one task/group/tag (this loads its dataset), turning failures into a DeccpError naming it."""
     try:
         loaded = tm.load([name])
     except DeccpError:
         raise
     except Exception as exc:  # missing dataset, offline Hub, bad config: one clear line naming the task
         offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else "no network or no such dataset?"
+        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else "is the network up?"
         raise DeccpError(
-            f"{name}: could not load the task's dataset ({type(exc).__name__}: {_first_line(exc)}); {why} "
+            f"{name}: could not load the task's dataset ({type(exc).__name__}: {_first_line(exc)}); {why}. "
             "Standard lm-eval tasks download their data from the Hugging Face Hub: run once with network access "
             "so that `datasets` caches it, or leave the task out"
         ) from None
@@ -302,6 +308,7 @@ def run_capability(
     with tempfile.TemporaryDirectory(prefix="deccp-lm-eval-tasks-") as tmp:
         include_dir = task_include_dir(include_path, dest=tmp)
         tm = _task_managers(include_dir, names)
+        _check_known(tm, names)
         built = [obj for name in names for obj in _load_one(tm, name)]  # validates every name before running
         was_training = getattr(model, "training", False)
         model.eval()

@@ -56,6 +56,12 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from deccp.evaluation import main as eval_main
+
+    return eval_main(args.rest)
+
+
 def _cmd_abliterate(args: argparse.Namespace) -> int:
     from deccp.abliteration.run import main as abliterate_main
 
@@ -92,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(or DECCP_JUDGE_URL)")
     p.add_argument("--llm-model", default=None, help="model name at that endpoint (or DECCP_JUDGE_MODEL)")
     p.set_defaults(func=_cmd_judge)
+
+    p = sub.add_parser("eval", help="evaluate models (refusal, CCP alignment, factuality, KL, capability); "
+                                     "--config RECIPE, --model, --base, --output_dir …", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("abliterate", help="find the censorship direction and remove it from the weights",
                        add_help=False)

@@ -429,7 +429,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, base: str | P
             pass
         record = json.loads((adapter_dir / RECORD).read_text()) if (adapter_dir / RECORD).is_file() else {}
         record["merge"] = {"adapter_dir": str(adapter_dir.resolve()), "base": str(base_path),
-                           "lora": {k: v for k, v in peft_cfg.to_dict().items()
+                           "lora": {k: sorted(v) if isinstance(v, set) else v for k, v in peft_cfg.to_dict().items()
                                     if k in ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")},
                            "dtype": str(model.dtype).removeprefix("torch."), "seconds": round(time.time() - t0, 1),
                            "versions": _versions()}

@@ -1,0 +1,199 @@
+"""On-policy training data: sample the model's own answers to the train prompts, judge them, keep the bad ones.
+
+For each sensitive train prompt the model answers `n_samples` times (sampling); `deccp.judges.judge_answer`
+labels each answer against our gold `Answer`. Refusals, CCP-aligned, confabulated and evasive answers become
+undesirable rows beside the gold answer (desirable); the model's own factual answers are kept as desirable
+too. For harmful prompts a refusal is desirable and anything else undesirable. Output (JSONL, read by
+`deccp.training.read_mined`):
+
+- `fmt="kto"`: unpaired rows `{prompt, completion, label, lang, qid, kind, source, judge_label, reason}`;
+- `fmt="dpo"`: one row per prompt `{prompt, chosen, rejected, …}`: gold vs the model's worst answer.
+
+A `<out>.meta.json` beside it records the model, settings, counts and versions. Generations are cached
+(`$DECCP_CACHE/generations`), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from deccp import DeccpError, __version__
+
+logger = logging.getLogger(__name__)
+
+UNDESIRABLE = ("ccp_aligned", "refusal", "confabulated", "evasive")  # worst first (for DPO pairs)
+DESIRABLE = ("factual_neutral",)
+
+
+def _order(answers, seed: int):
+    """Round-robin over (kind, lang) in a stable, seed-dependent order: any `limit` gets a balanced mix."""
+    groups: dict[tuple[str, str], list] = {}
+    for a in sorted(answers, key=lambda a: hashlib.sha256(f"{seed}|{a.qid}|{a.lang}".encode()).hexdigest()):
+        groups.setdefault((a.kind, a.lang), []).append(a)
+    out, queues = [], [groups[k] for k in sorted(groups)]
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def _verdict(kind: str, judgement, keep_good: bool) -> bool | None:
+    """True: desirable, False: undesirable, None: left out."""
+    if kind == "harmful":
+        return (True if keep_good else None) if judgement.refusal else False
+    if judgement.label in UNDESIRABLE:
+        return False
+    if judgement.label in DESIRABLE and keep_good:
+        return True
+    return None
+
+
+def _severity(row: dict) -> tuple:
+    label = row["judge_label"]
+    rank = UNDESIRABLE.index(label) if label in UNDESIRABLE else -1  # harmful compliance: worst of all
+    return (rank, -len(row["completion"]))
+
+
+def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples: int = 4,
+         max_new_tokens: int = 256, limit: int | None = None, split: str = "train",
+         kinds=("sensitive", "harmful"), temperature: float = 0.8, top_p: float = 0.95, batch_size: int = 8,
+         seed: int = 0, system_prompt: str | None = None, fmt: str = "kto", keep_good: bool = True,
+         dtype: str = "auto", data_dir: str | None = None, llm=None, cache: bool = True,
+         progress: bool = True) -> dict:
+    """Sample, judge and write training rows for `model_spec`'s answers to our `split` prompts; returns a summary."""
+    import torch
+
+    from deccp.data import load_bundle
+    from deccp.generation import GenerationCache, GenerationSettings, generate
+    from deccp.io import atomic_write_json, atomic_write_jsonl
+    from deccp.judges import judge_answer
+    from deccp.models import cache_dir, fingerprint, load_model, resolve_model
+
+    if fmt not in ("kto", "dpo"):
+        raise DeccpError(f"format: {fmt!r} is not kto or dpo")
+    if n_samples < 1:
+        raise DeccpError("n_samples: at least 1")
+    out_path = Path(out_path)
+    t0 = time.time()
+    answers = [a for a in load_bundle(data_dir).answers_for(split=split, langs=langs)
+               if a.kind in kinds and a.prompt]
+    answers = _order(answers, seed)[:limit] if limit else _order(answers, seed)
+    if not answers:
+        raise DeccpError(f"no {'/'.join(kinds)} prompts with gold answers for split={split}, langs={list(langs)}")
+
+    model_path = resolve_model(model_spec)
+    model, tok = load_model(model_path, dtype=dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+                                  temperature=temperature, top_p=top_p, num_samples=n_samples, seed=seed,
+                                  system_prompt=system_prompt)
+    gen_cache = GenerationCache(cache_dir() / "generations", fingerprint(model_path), settings) if cache else None
+    samples = generate(model, tok, [a.prompt for a in answers], settings, cache=gen_cache, desc="mining",
+                       progress=progress)
+
+    labels: Counter = Counter()
+    rows: list[dict] = []
+    pairs_missing = 0
+    for a, texts in zip(answers, samples, strict=True):
+        base = {"prompt": a.prompt, "lang": a.lang, "qid": a.qid, "kind": a.kind, "topic": a.topic}
+        judged: list[dict] = []
+        for i, text in enumerate(dict.fromkeys(t for t in texts)):
+            j = judge_answer(a.prompt, text, lang=a.lang, reference=a, llm=llm)
+            label = j.label if a.kind != "harmful" or j.refusal else "harmful_compliance"
+            labels[label] += 1
+            verdict = _verdict(a.kind, j, keep_good)
+            if verdict is None:
+                continue
+            judged.append({**base, "completion": text, "label": verdict, "source": f"mined:{label}",
+                           "judge_label": label, "reason": j.reason, "sample": i})
+        if fmt == "kto":
+            rows.append({**base, "completion": a.gold, "label": True, "source": "gold", "judge_label": "gold",
+                         "reason": "gold answer", "sample": -1})
+            rows.extend(judged)
+        else:
+            bad = [r for r in judged if not r["label"]]
+            if not bad:
+                pairs_missing += 1
+                continue
+            worst = max(bad, key=_severity)
+            rows.append({**base, "chosen": a.gold, "rejected": worst["completion"], "chosen_source": "gold",
+                         "rejected_label": worst["judge_label"], "reason": worst["reason"]})
+
+    import transformers
+
+    atomic_write_jsonl(out_path, rows)
+    summary = {
+        "out": str(out_path), "format": fmt, "model": model_spec, "model_path": str(model_path),
+        "fingerprint": fingerprint(model_path), "prompts": len(answers), "samples": n_samples,
+        "rows": len(rows), "judge_labels": dict(labels),
+        "desirable": sum(1 for r in rows if r.get("label") is True) if fmt == "kto" else len(rows),
+        "undesirable": sum(1 for r in rows if r.get("label") is False) if fmt == "kto" else len(rows),
+        "prompts_without_bad_answer": pairs_missing if fmt == "dpo" else None,
+        "settings": {"split": split, "langs": list(langs), "kinds": list(kinds), "max_new_tokens": max_new_tokens,
+                     "temperature": temperature, "top_p": top_p, "seed": seed, "system_prompt": system_prompt,
+                     "keep_good": keep_good, "limit": limit, "llm_judge": getattr(llm, "model", None)},
+        "seconds": round(time.time() - t0, 1),
+        "versions": {"deccp": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    atomic_write_json(out_path.with_name(out_path.name + ".meta.json"), summary)
+    return summary
+
+
+def build_parser(prog: str = "deccp data mine") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="sample the model's answers to the train prompts, judge "
+                                "them, and write KTO/DPO rows (JSONL) for train/kto.py and train/dpo.py")
+    p.add_argument("--model", default="default", help="alias, Hub id or local directory (default: default)")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--format", dest="fmt", default="kto", choices=["kto", "dpo"],
+                   help="kto: unpaired labelled rows; dpo: gold vs the worst answer")
+    p.add_argument("--langs", nargs="+", default=["en", "zh"])
+    p.add_argument("--split", default="train", choices=["train", "eval"])
+    p.add_argument("--kinds", nargs="+", default=["sensitive", "harmful"], choices=["sensitive", "harmful"])
+    p.add_argument("--n-samples", type=int, default=4, help="sampled answers per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts (balanced by kind and language)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--no-good", dest="keep_good", action="store_false",
+                   help="leave out the model's own good answers (factual; refusals of harmful prompts)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="do not reuse cached generations")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`deccp data mine --model M --out mined.jsonl [...]`; errors are one line and exit status 1."""
+    import json
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = mine(args.model, args.out, langs=args.langs, n_samples=args.n_samples,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit, split=args.split, kinds=args.kinds,
+                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                       system_prompt=args.system_prompt, fmt=args.fmt, keep_good=args.keep_good, dtype=args.dtype,
+                       cache=args.cache)
+    except DeccpError as exc:
+        print(f"deccp data mine: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: summary[k] for k in ("out", "rows", "desirable", "undesirable", "judge_labels")},
+                     ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["DESIRABLE", "UNDESIRABLE", "build_parser", "main", "mine"]
