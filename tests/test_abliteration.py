@@ -132,3 +132,16 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "no such file or directory" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_real_default_model_refuses_less_after_abliteration(real_model_dir, tmp_path):
+    """Bounded run on the real default model: a fixed mid-layer edit lowers English sensitive refusals."""
+    cfg = AbliterationConfig(model=str(real_model_dir), output_dir=str(tmp_path / "abl"), max_prompts=48, holdout=2,
+                             direction_layer=16.0, targeted=False, check_prompts=12, check_max_new_tokens=16,
+                             langs=["en"], examples=1, example_max_new_tokens=32, cache_dir=str(tmp_path / "acts"))
+    record = run(cfg, log=lambda *_: None)
+    before, after = record["check"]["before"]["refusal"], record["check"]["after"]["refusal"]
+    assert before["sensitive/en"] >= 0.5  # the base model refuses most sensitive English questions
+    assert after["sensitive/en"] < before["sensitive/en"]
+    assert (tmp_path / "abl" / "model.safetensors").is_file()

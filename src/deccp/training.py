@@ -82,7 +82,7 @@ class DataArguments:
     harmful_rejected: bool = field(default=True, metadata={
         "help": "a compliant opener as the undesirable answer to each harmful prompt (DPO/KTO)"})
     max_samples: int | None = field(default=None, metadata={
-        "help": "cap on training rows; harmful-prompt rows keep their share (at least one)"})
+        "help": "cap on training rows, sampled by seed; each part (harmful prompts; KTO labels) keeps its share"})
     system_prompt: str | None = None
 
     def __post_init__(self):
@@ -216,27 +216,44 @@ def to_rows(kind: str, completions: list[Completion], system: str | None) -> lis
     return to_kto(completions, system)
 
 
+def _cap(groups: dict[tuple, list[dict]], n: int) -> dict[tuple, list[dict]]:
+    """Keep `n` rows in all, each group in proportion (largest remainders); harmful groups keep at least one row."""
+    total = sum(len(g) for g in groups.values())
+    quota = {k: n * len(g) / total for k, g in groups.items()}
+    keep = {k: int(q) for k, q in quota.items()}
+    for k in sorted(quota, key=lambda k: quota[k] - keep[k], reverse=True)[:n - sum(keep.values())]:
+        keep[k] += 1
+    harmful = [k for k in groups if k[0] == "harmful" and groups[k]]
+    if harmful and not any(keep[k] for k in harmful):
+        donor = max((k for k in keep if k[0] != "harmful"), key=lambda k: keep[k])
+        keep[donor] -= 1
+        keep[harmful[0]] += 1
+    return {k: g[:keep[k]] for k, g in groups.items()}
+
+
 def build_dataset(kind: str, data_args: DataArguments, *, seed: int = 0):
     """(datasets.Dataset for the trainer of `kind`, stats: rows by part, sources and labels; input hashes)."""
     from datasets import Dataset
 
     main, harmful, inputs = training_completions(data_args)
-    main_rows = to_rows(kind, main, data_args.system_prompt)
-    harm_rows = to_rows(kind, harmful, data_args.system_prompt)
     rng = random.Random(seed)
-    rng.shuffle(main_rows)
-    rng.shuffle(harm_rows)
-    total = len(main_rows) + len(harm_rows)
+    groups: dict[tuple, list[dict]] = {}
+    for part, comps in (("sensitive", main), ("harmful", harmful)):
+        for row in to_rows(kind, comps, data_args.system_prompt):
+            groups.setdefault((part, row["label"] if kind == "kto" else None), []).append(row)
+    for g in groups.values():
+        rng.shuffle(g)
+    total = sum(len(g) for g in groups.values())
     if data_args.max_samples is not None and total > data_args.max_samples:
-        n_harm = min(len(harm_rows), max(1, round(data_args.max_samples * len(harm_rows) / total)))
-        harm_rows = harm_rows[:n_harm]
-        main_rows = main_rows[:data_args.max_samples - n_harm]
-    rows = main_rows + harm_rows
+        groups = _cap(groups, data_args.max_samples)
+    rows = [r for g in groups.values() for r in g]
     rng.shuffle(rows)
     if not rows:
         raise DeccpError(f"no training rows for {kind} (data={data_args.data}, langs={data_args.langs}, "
                          f"split={data_args.split})")
-    stats: dict = {"rows": len(rows), "rows_sensitive": len(main_rows), "rows_harmful": len(harm_rows),
+    stats: dict = {"rows": len(rows),
+                   "rows_sensitive": sum(len(g) for k, g in groups.items() if k[0] == "sensitive"),
+                   "rows_harmful": sum(len(g) for k, g in groups.items() if k[0] == "harmful"),
                    "completions_by_source": dict(Counter(c.source.split(":")[0] if c.source.startswith("mined")
                                                          else c.source for c in main + harmful)),
                    "completions_by_lang": dict(Counter(c.lang for c in main + harmful))}
@@ -245,7 +262,7 @@ def build_dataset(kind: str, data_args: DataArguments, *, seed: int = 0):
         stats.update(desirable=good, undesirable=len(rows) - good)
         if good == 0 or good == len(rows):
             raise DeccpError("KTO needs desirable and undesirable rows; this mix has only "
-                             + ("undesirable" if good == 0 else "desirable") + " ones (raise max_samples?)")
+                             + ("undesirable" if good == 0 else "desirable") + " ones")
     return Dataset.from_list(rows), {**stats, "inputs": inputs}
 
 
@@ -445,7 +462,8 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         model_args, data_args, training_args = parse_args(kind, argv)
         path = run_training(kind, model_args, data_args, training_args)
     except DeccpError as exc:
-        msg = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        head, *rest = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        msg = f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join([head, *rest])
         print(f"deccp {kind}: error: {msg}", file=sys.stderr)
         return 1
     print(f"deccp {kind}: saved {path}")
