@@ -56,6 +56,24 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from deccp.mining import main as mine_main
+
+    return mine_main(args.rest)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from deccp.training import main as train_main
+
+    return train_main(args.command, args.rest)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from deccp.training import merge_main
+
+    return merge_main(args.rest)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from deccp.evaluation import main as eval_main
 
@@ -81,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.set_defaults(func=_cmd_model_path)
 
-    data = sub.add_parser("data", help="dataset tools: validate, stats")
+    data = sub.add_parser("data", help="dataset tools: validate, stats, mine")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("validate", help="check dataset files; prints file:line: field: problem")
     p.add_argument("paths", nargs="*", help="files or directories (default: the bundled data/)")
     p.set_defaults(func=_cmd_data_validate)
+    p = dsub.add_parser("mine", help="on-policy data: judge the model's own answers (KTO/DPO rows)", add_help=False)
+    p.set_defaults(func=_cmd_mine, passthrough=True)
     p = dsub.add_parser("stats", help="counts per kind and language")
     p.add_argument("--json", action="store_true")
     p.add_argument("--data-dir", default=None)
@@ -99,21 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-model", default=None, help="model name at that endpoint (or DECCP_JUDGE_MODEL)")
     p.set_defaults(func=_cmd_judge)
 
+    for kind in ("sft", "dpo", "kto"):
+        p = sub.add_parser(kind, help=f"{kind.upper()} with TRL (same as train/{kind}.py; --config RECIPE …)",
+                           add_help=False)
+        p.set_defaults(func=_cmd_train, passthrough=True)
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base: ADAPTER OUT [--base SPEC]", add_help=False)
+    p.set_defaults(func=_cmd_merge, passthrough=True)
+
     p = sub.add_parser("eval", help="evaluate models (refusal, CCP alignment, factuality, KL, capability); "
                                      "--config RECIPE, --model, --base, --output_dir …", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, passthrough=True)
 
     p = sub.add_parser("abliterate", help="find the censorship direction and remove it from the weights",
                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_abliterate)
+    p.set_defaults(func=_cmd_abliterate, passthrough=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.rest = extra  # the entry point parses its own recipe and --key value overrides
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -466,7 +466,10 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         msg = f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join([head, *rest])
         print(f"deccp {kind}: error: {msg}", file=sys.stderr)
         return 1
-    print(f"deccp {kind}: saved {path}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"deccp {kind}: saved {path}")
     return 0
 
 
