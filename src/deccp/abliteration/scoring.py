@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from deccp.chat import encode_batch
 from deccp.data.schema import Prompt
@@ -20,6 +21,18 @@ class PromptSets:
     harmless: list[Prompt]
 
 
+class _FirstStepLogits(LogitsProcessor):
+    """Keeps the logits of the first generated token only (output_logits would keep every step's)."""
+
+    def __init__(self):
+        self.logits = None
+
+    def __call__(self, input_ids, scores):
+        if self.logits is None:
+            self.logits = scores.detach().clone()
+        return scores
+
+
 @torch.no_grad()
 def short_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
                   system: str | None = None) -> tuple[list[str], torch.Tensor]:
@@ -31,13 +44,14 @@ def short_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = encode_batch(tokenizer, [prompts[i] for i in idx], system, device=device)
+        grab = _FirstStepLogits()
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                             return_dict_in_generate=True)
-        new = out.sequences[:, batch["input_ids"].shape[1]:]
+                             top_k=None, pad_token_id=tokenizer.pad_token_id,
+                             logits_processor=LogitsProcessorList([grab]))
+        new = out[:, batch["input_ids"].shape[1]:]
         for j, t in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
             texts[j] = t.strip()
-        logp = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
+        logp = torch.log_softmax(grab.logits.float(), dim=-1).cpu()
         if first is None:
             first = torch.empty(len(prompts), logp.shape[-1])
         first[idx] = logp
