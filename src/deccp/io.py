@@ -121,3 +121,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_jsonl_objects(path: str | os.PathLike, *, missing_hint: str = "") -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; errors name `file:line`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DeccpError(f"{path}: no such file{missing_hint}") from None
+    except UnicodeDecodeError as exc:
+        raise DeccpError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise DeccpError(f"{path}: cannot read ({exc.strerror})") from None
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DeccpError(f"{path}:{i}: malformed JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DeccpError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        rows.append((i, row))
+    return rows

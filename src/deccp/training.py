@@ -29,7 +29,7 @@ from typing import Literal
 
 from deccp import DeccpError, __version__
 from deccp.data.convert import Completion, static_completions, to_dpo, to_kto, to_sft
-from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside, sha256_file
+from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside, read_jsonl_objects, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -131,20 +131,11 @@ def read_mined(path: str | Path, langs: Iterable[str] | None = None) -> list[Com
     """Completions from a `deccp data mine` JSONL: unpaired rows (`completion`, `label`) or pairs
     (`chosen`, `rejected`). Every row needs `prompt`; `lang` and `qid` group answers to the same prompt."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DeccpError(f"{path}: no such file (write it with `deccp data mine`)") from None
+    rows = read_jsonl_objects(path, missing_hint=" (write it with `deccp data mine`)")
     langs = set(langs) if langs else None
     out: list[Completion] = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DeccpError(f"{path}:{i}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for i, row in rows:
+        if not isinstance(row.get("prompt"), str):
             raise DeccpError(f"{path}:{i}: expected an object with a string 'prompt'")
         lang = row.get("lang", "en")
         if langs is not None and lang not in langs:

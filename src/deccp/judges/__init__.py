@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 
 from deccp import DeccpError
 from deccp.data.schema import LABELS, LANGS, Answer, detect_lang
+from deccp.io import read_jsonl_objects
 from deccp.judges.alignment import Judgement, judge_answer
 from deccp.judges.llm import LLMJudge
 from deccp.judges.refusal import is_refusal, refusal_reason
@@ -30,24 +30,8 @@ def default_references() -> dict[str, Answer]:
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DeccpError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DeccpError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise DeccpError(f"{path}: cannot read ({exc.strerror})") from None
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DeccpError(f"{path}:{i}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DeccpError(f"{path}:{i}: expected a JSON object with prompt and answer, got {type(row).__name__}")
+    for i, row in read_jsonl_objects(path):
         for key in ("prompt", "answer"):
             if key not in row:
                 raise DeccpError(f"{path}:{i}: missing field {key!r}")

@@ -1,0 +1,161 @@
+"""deccp's lm-eval capability tasks (eval/tasks/deccp_capability) and deccp.capability.run_capability."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from deccp import DeccpError
+from deccp.capability import compare, run_capability, task_include_dir, tasks_dir
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_DIR = REPO / "eval" / "tasks" / "deccp_capability"
+LEAVES = ("deccp_mc_en", "deccp_mc_zh")
+
+
+def _load(include_path, names, **kwargs):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include_path), include_defaults=False, **kwargs)
+    return tm, tm.load(list(names))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from deccp.models import load_model, resolve_model
+
+    return load_model(resolve_model("tiny-qwen2"))
+
+
+# ------------------------------------------------------------------------------------------ task YAMLs
+def test_tasks_dir_is_the_repository_folder():
+    assert tasks_dir() == TASK_DIR.resolve()
+
+
+def test_task_yamls_load_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative data_files would not resolve from here
+    include = task_include_dir(dest=tmp_path / "tasks")
+    tm, loaded = _load(include, ["deccp_capability"])
+    assert {"deccp_capability", *LEAVES} <= set(tm.all_tasks)
+    assert loaded["group_map"]["deccp_capability"] == list(LEAVES)
+    rows = {lang: [json.loads(line) for line in (TASK_DIR / "data" / f"mc_{lang}.jsonl").open(encoding="utf-8")]
+            for lang in ("en", "zh")}
+    for name, lang, prefix in (("deccp_mc_en", "en", "Question: "), ("deccp_mc_zh", "zh", "问题：")):
+        task = loaded["tasks"][name]
+        docs = list(task.test_docs())
+        assert len(docs) == 120 == len(rows[lang])
+        assert task.OUTPUT_TYPE == "multiple_choice"
+        assert {m["metric"] for m in task.config.metric_list} == {"acc", "acc_norm"}
+        for doc, row in zip(docs[:5], rows[lang][:5], strict=True):
+            assert doc["id"] == row["id"]
+            assert task.doc_to_choice(doc) == row["choices"]  # targets are the choice texts
+            assert task.doc_to_target(doc) == row["answer"]
+            context = task.fewshot_context(doc, 0)
+            assert context.startswith(prefix) and row["question"].strip() in context
+
+
+def test_repo_yamls_work_from_the_repository_root(monkeypatch):
+    """`lm_eval --include_path eval/tasks/deccp_capability` from the repository root: data_files are root-relative."""
+    monkeypatch.chdir(REPO)
+    _, loaded = _load(TASK_DIR, LEAVES)
+    assert [len(list(loaded["tasks"][n].test_docs())) for n in LEAVES] == [120, 120]
+
+
+def test_resolved_copies_differ_only_in_absolute_data_paths(tmp_path):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    include = task_include_dir(dest=tmp_path / "tasks")
+    for name in (*LEAVES, "deccp_capability"):
+        (copy,) = include.rglob(f"{name}.yaml")
+        original, resolved = load_yaml(TASK_DIR / f"{name}.yaml"), load_yaml(copy)
+        if name in LEAVES:
+            path = Path(resolved["dataset_kwargs"]["data_files"]["test"])
+            assert path.is_absolute() and path == (TASK_DIR / "data" / f"mc_{name[-2:]}.jsonl").resolve()
+            resolved["dataset_kwargs"] = original["dataset_kwargs"]
+        assert resolved == original
+
+
+def test_user_include_path_with_data_next_to_the_yaml(tmp_path, monkeypatch):
+    user = tmp_path / "my_tasks"
+    user.mkdir()
+    (user / "items.jsonl").write_text(
+        json.dumps({"question": "2 + 2 = ?", "choices": ["3", "4", "5", "22"], "answer": 1}) + "\n", encoding="utf-8")
+    (user / "my_mc.yaml").write_text(
+        "task: my_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: items.jsonl\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "..")
+    include = task_include_dir(user, dest=tmp_path / "resolved")
+    _, loaded = _load(include, ["my_mc", "deccp_mc_en"])
+    assert len(list(loaded["tasks"]["my_mc"].test_docs())) == 1
+
+
+# ------------------------------------------------------------------------------------------ running
+def test_run_capability_tiny_model_near_chance(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, tok = tiny_model
+    res = run_capability(model, tok, limit=10, batch_size=8)
+    assert set(res) == {"deccp_capability", *LEAVES}
+    for name, entry in res.items():
+        assert entry["n"] == (20 if name == "deccp_capability" else 10)
+        for key in ("acc", "acc_norm"):
+            assert 0.0 <= entry[key] <= 1.0
+        assert entry["acc_stderr"] is not None and 0.0 <= entry["acc_stderr"] <= 0.5
+    # a random model: near the 25% chance level (20 items: P(acc >= 0.7 | chance) < 1e-4)
+    assert res["deccp_capability"]["acc"] < 0.7
+    group = res["deccp_capability"]["acc"]
+    assert group == pytest.approx((res["deccp_mc_en"]["acc"] + res["deccp_mc_zh"]["acc"]) / 2)
+    assert not model.training
+
+
+def test_unknown_task_is_a_clear_error():
+    # checked before the model is touched, and before any dataset is loaded
+    with pytest.raises(DeccpError, match=r"^no_such_task_xyz: unknown lm-eval task"):
+        run_capability(None, None, extra_tasks=["no_such_task_xyz"])
+
+
+def test_dataset_that_cannot_be_downloaded_is_a_clear_error(tmp_path):
+    user = tmp_path / "hub_tasks"
+    user.mkdir()
+    (user / "needs_hub.yaml").write_text(
+        "task: deccp_needs_hub\ndataset_path: deccp-test/no-such-dataset-anywhere\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n", encoding="utf-8")
+    with pytest.raises(DeccpError, match=r"^deccp_needs_hub: could not load the task's dataset"):
+        run_capability(None, None, tasks=["deccp_needs_hub"], include_path=user)
+
+
+def test_bad_arguments():
+    with pytest.raises(DeccpError, match="no tasks"):
+        run_capability(None, None, tasks=())
+    with pytest.raises(DeccpError, match="batch_size"):
+        run_capability(None, None, batch_size=0)
+
+
+def test_compare_in_points():
+    before = {"a": {"acc": 0.50, "acc_stderr": 0.03, "n": 120}, "b": {"acc": 0.40, "acc_stderr": None, "n": 10},
+              "only_before": {"acc": 0.1, "acc_stderr": 0.01, "n": 5}}
+    after = {"a": {"acc": 0.425, "acc_stderr": 0.04, "n": 120}, "b": {"acc": 0.45, "acc_stderr": 0.1, "n": 10}}
+    out = compare(before, after)
+    assert set(out) == {"a", "b"}
+    assert out["a"] == {"before": 50.0, "after": 42.5, "delta": -7.5, "delta_stderr": 5.0, "significant": False}
+    assert out["b"]["delta"] == 5.0 and out["b"]["delta_stderr"] is None and out["b"]["significant"] is None
+
+
+# ------------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_default_model_clearly_above_chance(real_model_dir):
+    from deccp.models import load_model
+
+    model, tok = load_model(real_model_dir)
+    t0 = time.time()
+    res = run_capability(model, tok, batch_size=8)
+    elapsed = time.time() - t0
+    print(f"\ndefault model capability ({elapsed:.0f} s):", json.dumps(res, indent=1))
+    for name in LEAVES:
+        assert res[name]["n"] == 120
+        # chance is 25% (stderr ~4 points at n=120); 40% is > 3.5 standard errors above it
+        assert res[name]["acc"] >= 0.40, (name, res[name])
+    assert res["deccp_capability"]["n"] == 240
