@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -145,17 +146,28 @@ def test_compare_in_points():
 
 
 # ------------------------------------------------------------------------------------------ real model
+# Items per task for the slow test. The full run (120 + 120 items) of the default model took 398 s on the
+# shared 2-core CPU (en acc 68.3% / acc_norm 64.2%, zh 51.7% / 53.3%, group 60.0%), over the ~4 minute
+# budget; the first 60 items of each task take about half that. DECCP_SLOW_CAPABILITY_LIMIT=none runs
+# all of them.
+_SLOW_LIMIT_ENV = os.environ.get("DECCP_SLOW_CAPABILITY_LIMIT", "60")
+SLOW_LIMIT = None if _SLOW_LIMIT_ENV.lower() in ("", "none", "0", "full") else int(_SLOW_LIMIT_ENV)
+
+
 @pytest.mark.slow
 def test_default_model_clearly_above_chance(real_model_dir):
     from deccp.models import load_model
 
     model, tok = load_model(real_model_dir)
     t0 = time.time()
-    res = run_capability(model, tok, batch_size=8)
+    res = run_capability(model, tok, limit=SLOW_LIMIT, batch_size=8)
     elapsed = time.time() - t0
-    print(f"\ndefault model capability ({elapsed:.0f} s):", json.dumps(res, indent=1))
+    print(f"\ndefault model capability, limit={SLOW_LIMIT} ({elapsed:.0f} s):", json.dumps(res, indent=1))
+    n = SLOW_LIMIT or 120
     for name in LEAVES:
-        assert res[name]["n"] == 120
-        # chance is 25% (stderr ~4 points at n=120); 40% is > 3.5 standard errors above it
+        assert res[name]["n"] == n
+        # chance is 25%; with n = 60 the stderr is ~6.5 points, so 40% is > 2 standard errors above it
         assert res[name]["acc"] >= 0.40, (name, res[name])
-    assert res["deccp_capability"]["n"] == 240
+    # the group (2n items) is the sharper test: 45% is > 4 standard errors above chance at n = 120
+    assert res["deccp_capability"]["n"] == 2 * n
+    assert res["deccp_capability"]["acc"] >= 0.45, res["deccp_capability"]
