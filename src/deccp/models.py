@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deccp import DeccpError, __version__
@@ -345,7 +345,8 @@ def resolve_dtype(dtype: str):
 
 
 def fingerprint(path: str | os.PathLike) -> str:
-    """A content fingerprint of a model directory (config + weights), cached beside nothing; cheap on re-use."""
+    """A cheap identity of a model directory: names, sizes and modification times of its weights and config.
+    Any rewrite of the weights changes it, so caches keyed by it (generations, activations) never go stale."""
     import hashlib
 
     path = Path(path)
@@ -360,6 +361,3 @@ def source_record(path: str | os.PathLike) -> dict:
     p = Path(path) / SOURCE_RECORD
     return json.loads(p.read_text()) if p.is_file() else {}
 
-
-def describe(spec: PackagedGGUF) -> dict:
-    return asdict(spec)
