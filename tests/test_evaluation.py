@@ -59,6 +59,15 @@ def test_aggregate_counts_labels():
     assert m["sensitive_topic"]["taiwan/en"]["n"] == 2
 
 
+def test_capped_evaluation_covers_topics():
+    from deccp.data import load_bundle
+    from deccp.evaluation import spread_over_topics
+
+    ps = load_bundle().select("sensitive", split="eval", langs=["en"])
+    picked = spread_over_topics(ps, 14)
+    assert len(picked) == 14 and len({p.topic for p in picked}) == 14
+
+
 def test_eval_recipe_parses_and_bad_kind_fails(tmp_path):
     (cfg,) = parse_config([EvalConfig], ["--config", "recipes/qwen2.5-coder-0.5b/eval.yaml"])
     assert cfg.capability

@@ -66,10 +66,24 @@ def eval_prompts(cfg: EvalConfig) -> list[Prompt]:
     for kind in cfg.kinds:
         for lang in cfg.langs:
             ps = bundle.select(kind, split=cfg.split, langs=[lang])
-            out.extend(ps[:cfg.max_prompts] if cfg.max_prompts else ps)
+            out.extend(spread_over_topics(ps, cfg.max_prompts) if cfg.max_prompts else ps)
     for src in cfg.extra_prompts:
         out.extend(Prompt(text=p.text, lang=p.lang, id=p.id, kind=f"extra:{Path(src).name or src}", meta=p.meta)
                    for p in load_prompts(src))
+    return out
+
+
+def spread_over_topics(prompts: list[Prompt], n: int) -> list[Prompt]:
+    """The first `n` prompts taken round-robin across topics, so a capped evaluation still covers every topic."""
+    by_topic: dict[str, list[Prompt]] = defaultdict(list)
+    for p in prompts:
+        by_topic[p.topic].append(p)
+    queues = [list(v) for v in by_topic.values()]
+    out: list[Prompt] = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
     return out
 
 
