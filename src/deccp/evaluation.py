@@ -183,24 +183,45 @@ def evaluate_model(spec: str, cfg: EvalConfig, prompts: list[Prompt], *, referen
 
         t = time.time()
         harmless = [p.text for p in prompts if p.kind == "harmless"][:cfg.kl_prompts]
-        ref_model, ref_tok = reference
-        kl = kl_to_reference(model, ref_model, ref_tok, harmless, max_new_tokens=cfg.kl_max_new_tokens,
-                             batch_size=cfg.batch_size, system=cfg.system_prompt)
-        kl = {k: round(v, 5) for k, v in kl.items()} | {"prompts": len(harmless)}
+        ref_model, ref_tok, ref_fp = reference
+
+        def compute_kl():
+            r = kl_to_reference(model, ref_model, ref_tok, harmless, max_new_tokens=cfg.kl_max_new_tokens,
+                                batch_size=cfg.batch_size, system=cfg.system_prompt)
+            return {k: round(v, 5) for k, v in r.items()} | {"prompts": len(harmless)}
+
+        kl = cached_result(root, "kl", [fp, ref_fp, harmless, cfg.kl_max_new_tokens, cfg.system_prompt], compute_kl)
         timings["kl"] = round(time.time() - t, 1)
     capability = None
     if cfg.capability:
         from deccp.capability import run_capability
 
         t = time.time()
-        capability = run_capability(model, tok, tasks=tuple(cfg.capability_tasks), limit=cfg.capability_limit,
-                                    batch_size=cfg.batch_size)
+        capability = cached_result(
+            root, "capability", [fp, cfg.capability_tasks, cfg.capability_limit],
+            lambda: run_capability(model, tok, tasks=tuple(cfg.capability_tasks), limit=cfg.capability_limit,
+                                   batch_size=cfg.batch_size))
         timings["capability"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t0, 1)
     log(f"{spec}: done in {timings['total']}s")
     result = ModelResult(name=_display_name(spec, path), path=str(path), fingerprint=fp, metrics=aggregate(rows),
                          rows=rows, kl=kl, capability=capability, timings_s=timings)
-    del model
+    return result
+
+
+def cached_result(root: Path, kind: str, key: list, compute):
+    """A JSON result cached on disk under `root/<kind>-<hash of key>.json` (models are keyed by fingerprint)."""
+    import hashlib
+    import json
+
+    from deccp.io import atomic_write_json
+
+    digest = hashlib.sha256(json.dumps(key, ensure_ascii=False, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = root / f"{kind}-{digest}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    result = compute()
+    atomic_write_json(path, result)
     return result
 
 
@@ -222,8 +243,9 @@ def run_evaluation(cfg: EvalConfig, *, log=print) -> dict:
     log(f"evaluating {len(specs)} model(s) on {len(prompts)} prompts ({cfg.split} split, {', '.join(cfg.langs)})")
     reference = None
     if cfg.base and cfg.kl:
-        reference = load_model(resolve_model(cfg.base), dtype=compute_dtype(cfg.dtype),
-                               trust_remote_code=cfg.trust_remote_code)
+        base_path = resolve_model(cfg.base)
+        reference = (*load_model(base_path, dtype=compute_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code),
+                     f"{fingerprint(base_path)}-{compute_dtype(cfg.dtype)}")
     results = []
     for i, spec in enumerate(specs):
         is_base = bool(cfg.base) and i == 0
