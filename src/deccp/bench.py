@@ -86,12 +86,31 @@ def bench_generation(model_spec: str, n_prompts: int = 32, max_new_tokens: int =
             "tokens_per_s": round(n_tokens / gen_s, 2), "judge_answers_per_s": round(len(prompts) / judge_s, 1)}
 
 
+def bench_evaluation(model: str, recipe: str = "recipes/qwen2.5-coder-0.5b/eval.yaml") -> dict:
+    """Full evaluation of one model (generation, judges, capability) from an empty cache, then the cached re-run."""
+    from deccp.config import parse_config
+    from deccp.evaluation import EvalConfig, run_evaluation
+
+    with tempfile.TemporaryDirectory(prefix="deccp-bench-eval-") as tmp:
+        argv = ["--config", recipe, "--model", model, "--output_dir", str(Path(tmp) / "report"),
+                "--generation_cache", str(Path(tmp) / "cache")]
+        (cfg,) = parse_config([EvalConfig], argv)
+        t0 = time.time()
+        report = run_evaluation(cfg, log=lambda *_: None)
+        full = time.time() - t0
+        t0 = time.time()
+        run_evaluation(cfg, log=lambda *_: None)
+        cached = time.time() - t0
+    return {"full_s": round(full, 1), "cached_rerun_s": round(cached, 1), "stages_s": report["models"][-1]["timings_s"],
+            "targets": {"full_le_600s": full <= 600, "cached_le_30s": cached <= 30}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deccp.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--recipe", default="recipes/qwen2.5-coder-0.5b/abliterate.yaml")
     ap.add_argument("--search-trials", type=int, default=0, help="also time an Optuna search of N trials")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["abliteration", "generation"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["abliteration", "generation", "evaluation"])
     ap.add_argument("--output", default="bench.json")
     args = ap.parse_args(argv)
     import platform
@@ -105,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "generation" not in args.skip:
             result["generation"] = bench_generation(args.model)
+        if "evaluation" not in args.skip:
+            result["evaluation"] = bench_evaluation(args.model)
         if "abliteration" not in args.skip:
             result["abliteration"] = bench_abliteration(args.model, args.recipe)
             if args.search_trials:
