@@ -64,14 +64,13 @@ def bench_abliteration(model: str, recipe: str, *, search_trials: int = 0) -> di
 
 def bench_generation(model_spec: str, n_prompts: int = 32, max_new_tokens: int = 64) -> dict:
     """Greedy generation throughput and judge speed on sensitive eval prompts."""
-    from deccp.abliteration.run import compute_dtype
     from deccp.data import load_prompts
     from deccp.generation import GenerationSettings, generate
     from deccp.judges.refusal import is_refusal
-    from deccp.models import load_model, resolve_model
+    from deccp.models import inference_dtype, load_model, resolve_model
 
     prompts = load_prompts("ours:sensitive:eval")[:n_prompts]
-    model, tok = load_model(resolve_model(model_spec), dtype=compute_dtype("auto"))
+    model, tok = load_model(resolve_model(model_spec), dtype=inference_dtype("auto"))
     t0 = time.time()
     answers = generate(model, tok, [p.text for p in prompts], GenerationSettings(max_new_tokens=max_new_tokens),
                        progress=False)

@@ -14,7 +14,7 @@ from deccp.data import load_bundle, load_prompts
 from deccp.data.schema import LABELS, Prompt
 from deccp.generation import GenerationCache, GenerationSettings, generate
 from deccp.metrics import rate_ci
-from deccp.models import cache_dir, fingerprint, load_model, resolve_model
+from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -145,15 +145,28 @@ class ModelResult:
         return d
 
 
-def evaluate_model(spec: str, cfg: EvalConfig, prompts: list[Prompt], *, reference=None, log=logger.info) -> ModelResult:
-    """Generate, judge and score one model; `reference` = (base model, tokenizer) for KL, or None."""
-    from deccp.abliteration.run import compute_dtype
+@dataclass
+class LoadedModel:
+    path: Path
+    model: object
+    tokenizer: object
+    fingerprint: str  # of the weights and the compute dtype: keys every cache
 
+
+def load_for_eval(spec: str, cfg: EvalConfig) -> LoadedModel:
+    path = resolve_model(spec)
+    dtype = inference_dtype(cfg.dtype)
+    model, tok = load_model(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return LoadedModel(path, model, tok, f"{fingerprint(path)}-{dtype}")
+
+
+def evaluate_model(spec: str, cfg: EvalConfig, prompts: list[Prompt], *, loaded: LoadedModel | None = None,
+                   reference: LoadedModel | None = None, log=logger.info) -> ModelResult:
+    """Generate, judge and score one model (`loaded` if already in memory); KL against `reference`, or none."""
     t0 = time.time()
     timings = {}
-    path = resolve_model(spec)
-    model, tok = load_model(path, dtype=compute_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
-    fp = f"{fingerprint(path)}-{compute_dtype(cfg.dtype)}"
+    loaded = loaded or load_for_eval(spec, cfg)
+    path, model, tok, fp = loaded.path, loaded.model, loaded.tokenizer, loaded.fingerprint
     root = Path(cfg.generation_cache) if cfg.generation_cache else cache_dir() / "generations"
     answers: dict[str, list[str]] = {}
     for long in (True, False):
@@ -183,7 +196,7 @@ def evaluate_model(spec: str, cfg: EvalConfig, prompts: list[Prompt], *, referen
 
         t = time.time()
         harmless = [p.text for p in prompts if p.kind == "harmless"][:cfg.kl_prompts]
-        ref_model, ref_tok, ref_fp = reference
+        ref_model, ref_tok, ref_fp = reference.model, reference.tokenizer, reference.fingerprint
 
         def compute_kl():
             r = kl_to_reference(model, ref_model, ref_tok, harmless, max_new_tokens=cfg.kl_max_new_tokens,
@@ -231,7 +244,6 @@ def _display_name(spec: str, path: Path) -> str:
 
 def run_evaluation(cfg: EvalConfig, *, log=print) -> dict:
     """Evaluate the base (if any), the model and any comparison models; write the report; return report.json."""
-    from deccp.abliteration.run import compute_dtype
     from deccp.io import ensure_not_inside
     from deccp.report import write_report
 
@@ -241,15 +253,13 @@ def run_evaluation(cfg: EvalConfig, *, log=print) -> dict:
     ensure_not_inside(out, *[resolve_model(s) for s in specs])
     prompts = eval_prompts(cfg)
     log(f"evaluating {len(specs)} model(s) on {len(prompts)} prompts ({cfg.split} split, {', '.join(cfg.langs)})")
-    reference = None
-    if cfg.base and cfg.kl:
-        base_path = resolve_model(cfg.base)
-        reference = (*load_model(base_path, dtype=compute_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code),
-                     f"{fingerprint(base_path)}-{compute_dtype(cfg.dtype)}")
+    base = load_for_eval(cfg.base, cfg) if cfg.base else None  # evaluated first, then kept as the KL reference
     results = []
     for i, spec in enumerate(specs):
-        is_base = bool(cfg.base) and i == 0
-        results.append(evaluate_model(spec, cfg, prompts, reference=None if is_base else reference, log=log))
+        if base is not None and i == 0:
+            results.append(evaluate_model(spec, cfg, prompts, loaded=base, log=log))
+        else:
+            results.append(evaluate_model(spec, cfg, prompts, reference=base if cfg.kl else None, log=log))
     report = {
         "deccp_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -344,6 +344,21 @@ def resolve_dtype(dtype: str):
         raise DeccpError(f"dtype: unknown value {dtype!r} (auto, float32, bfloat16, float16)") from None
 
 
+def inference_dtype(name: str) -> str:
+    """Dtype for inference passes: `auto` is bfloat16 on CUDA and on CPUs with bf16 matrix units (AMX /
+    AVX512-BF16), else float32; any other name is returned as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    except Exception:
+        return "float32"
+
+
 def fingerprint(path: str | os.PathLike) -> str:
     """A cheap identity of a model directory: names, sizes and modification times of its weights and config.
     Any rewrite of the weights changes it, so caches keyed by it (generations, activations) never go stale."""

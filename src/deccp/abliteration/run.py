@@ -21,24 +21,10 @@ from deccp.abliteration.streaming import stream_edit
 from deccp.data.load import load_prompts
 from deccp.data.schema import Prompt
 from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside
-from deccp.models import cache_dir, fingerprint, load_model, resolve_model
+from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, resolve_model
 
 logger = logging.getLogger(__name__)
 RECORD = "abliteration.json"
-
-
-def compute_dtype(name: str) -> str:
-    """`auto`: bfloat16 on CUDA and on CPUs with bf16 matrix units (AMX/AVX512-BF16), else float32."""
-    if name != "auto":
-        return name
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16"
-    try:
-        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-    except Exception:
-        return "float32"
 
 
 def _stable_order(prompts: list[Prompt], seed: int) -> list[Prompt]:
@@ -145,7 +131,7 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     good, good_held = split_holdout(good_all, cfg.holdout, cfg.max_prompts, cfg.seed)
     harmful, harmful_held = split_holdout(harmful_all, max(1, cfg.holdout // 2), cfg.max_prompts // 2, cfg.seed)
     check_sets = _check_sets(cfg) if cfg.check else None
-    dtype = compute_dtype(cfg.dtype)
+    dtype = inference_dtype(cfg.dtype)
     model, tok = load_model(src, dtype=dtype, device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code)
     check_architecture(model.config)
     torch.manual_seed(cfg.seed)

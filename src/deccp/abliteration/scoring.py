@@ -11,7 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from deccp.chat import encode_batch
 from deccp.data.schema import Prompt
 from deccp.judges.refusal import is_refusal
-from deccp.metrics import rate_ci
+from deccp.metrics import first_token_kl, rate_ci
 
 
 @dataclass
@@ -57,11 +57,6 @@ def short_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
         first[idx] = logp
     assert first is not None
     return texts, first
-
-
-def kl_rows(ref_logp: torch.Tensor, new_logp: torch.Tensor) -> float:
-    """Mean KL(ref ‖ new) over rows of log-probabilities."""
-    return float((ref_logp.exp() * (ref_logp - new_logp)).sum(-1).mean())
 
 
 @dataclass
@@ -115,7 +110,7 @@ class Scorer:
             refusal[key], counts[key], answers[key] = (k / len(ps) if ps else 0.0), (k, len(ps)), chunk
         if self.ref_logp is None:
             self.ref_logp = harmless_rows
-        kl = kl_rows(self.ref_logp, harmless_rows) if harmless_rows is not None and len(harmless_rows) else 0.0
+        kl = first_token_kl(self.ref_logp, harmless_rows) if harmless_rows is not None and len(harmless_rows) else 0.0
         return Measurement(refusal, counts, kl, answers)
 
     def score(self, m: Measurement) -> float:
