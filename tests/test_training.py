@@ -262,3 +262,20 @@ def test_mining_writes_labelled_rows_readable_by_training(tmp_path):
 
     with pytest.raises(DeccpError, match="broken.jsonl:1"):
         read_mined(tmp_path / "broken.jsonl")
+
+
+def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
+    from deccp.training import resume_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert len(list(tmp_path.glob("checkpoint-6.incomplete-*"))) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert resume_checkpoint("auto", empty) is None

@@ -86,6 +86,18 @@ def _cmd_abliterate(args: argparse.Namespace) -> int:
     return abliterate_main(args.rest)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from deccp.pipeline import main as pipeline_main
+
+    return pipeline_main(args.rest)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from deccp.publish import main as publish_main
+
+    return publish_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deccp", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"deccp {__version__}")
@@ -133,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("abliterate", help="find the censorship direction and remove it from the weights",
                        add_help=False)
     p.set_defaults(func=_cmd_abliterate, passthrough=True)
+
+    p = sub.add_parser("run", help="run a pipeline recipe (abliterate, mine, realign, eval, publish); resumable: "
+                                   "RECIPE [--output_dir DIR] [--validate] [--dry-run]", add_help=False)
+    p.set_defaults(func=_cmd_run, passthrough=True)
+    p = sub.add_parser("publish", help="upload a publish folder (FOLDER --repo-id ID --push, token from HF_TOKEN) "
+                                       "or build one (build --model … --output_dir …)", add_help=False)
+    p.set_defaults(func=_cmd_publish, passthrough=True)
     return parser
 
 

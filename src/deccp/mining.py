@@ -21,7 +21,9 @@ import logging
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from deccp import DeccpError, __version__
 
@@ -147,6 +149,64 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
     return summary
 
 
+@dataclass
+class MineConfig:
+    """Settings of `deccp data mine` as a recipe (pipeline step `mine`); the CLI flags have the same names."""
+
+    model: str = field(default="default", metadata={"help": "alias, Hub id or local directory"})
+    out: str | None = field(default=None, metadata={"help": "output JSONL file"})
+    format: Literal["kto", "dpo"] = field(default="kto", metadata={
+        "help": "kto: unpaired labelled rows; dpo: gold vs the worst answer"})
+    langs: list[str] = field(default_factory=lambda: ["en", "zh"])
+    split: Literal["train", "eval"] = "train"
+    kinds: list[str] = field(default_factory=lambda: ["sensitive", "harmful"])
+    n_samples: int = field(default=4, metadata={"help": "sampled answers per prompt"})
+    max_new_tokens: int = 256
+    limit: int | None = field(default=None, metadata={"help": "at most this many prompts"})
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 8
+    seed: int = 0
+    system_prompt: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    keep_good: bool = field(default=True, metadata={"help": "keep the model's own good answers"})
+    cache: bool = field(default=True, metadata={"help": "reuse cached generations"})
+    data_dir: str | None = field(default=None, metadata={"help": "our datasets (default: $DECCP_DATA or data/)"})
+
+    def __post_init__(self):
+        problems = []
+        if self.n_samples < 1:
+            problems.append("n_samples: at least 1")
+        bad = [k for k in self.kinds if k not in ("sensitive", "harmful")]
+        if bad:
+            problems.append(f"kinds: unknown {bad} (sensitive, harmful)")
+        if self.limit is not None and self.limit < 1:
+            problems.append("limit: at least 1")
+        if problems:
+            raise DeccpError("invalid mine config: " + "; ".join(problems))
+
+
+def mine_argv(cfg: MineConfig) -> list[str]:
+    """The `deccp data mine` arguments for `cfg`."""
+    if not cfg.out:
+        raise DeccpError("mine: out (the output JSONL file) is required")
+    argv = ["--model", cfg.model, "--out", cfg.out, "--format", cfg.format, "--langs", *cfg.langs, "--split", cfg.split,
+            "--kinds", *cfg.kinds, "--n-samples", str(cfg.n_samples), "--max-new-tokens", str(cfg.max_new_tokens),
+            "--temperature", str(cfg.temperature), "--top-p", str(cfg.top_p), "--batch-size", str(cfg.batch_size),
+            "--seed", str(cfg.seed), "--dtype", cfg.dtype]
+    if cfg.limit is not None:
+        argv += ["--limit", str(cfg.limit)]
+    if cfg.system_prompt is not None:
+        argv += ["--system-prompt", cfg.system_prompt]
+    if not cfg.keep_good:
+        argv.append("--no-good")
+    if not cfg.cache:
+        argv.append("--no-cache")
+    if cfg.data_dir:
+        argv += ["--data-dir", cfg.data_dir]
+    return argv
+
+
 def build_parser(prog: str = "deccp data mine") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="sample the model's answers to the train prompts, judge "
                                 "them, and write KTO/DPO rows (JSONL) for train/kto.py and train/dpo.py")
@@ -169,6 +229,7 @@ def build_parser(prog: str = "deccp data mine") -> argparse.ArgumentParser:
     p.add_argument("--no-good", dest="keep_good", action="store_false",
                    help="leave out the model's own good answers (factual; refusals of harmful prompts)")
     p.add_argument("--no-cache", dest="cache", action="store_false", help="do not reuse cached generations")
+    p.add_argument("--data-dir", default=None, help="our datasets (default: $DECCP_DATA or data/)")
     return p
 
 
@@ -183,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_new_tokens=args.max_new_tokens, limit=args.limit, split=args.split, kinds=args.kinds,
                        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
                        system_prompt=args.system_prompt, fmt=args.fmt, keep_good=args.keep_good, dtype=args.dtype,
-                       cache=args.cache)
+                       cache=args.cache, data_dir=args.data_dir)
     except DeccpError as exc:
         print(f"deccp data mine: error: {exc}", file=sys.stderr)
         return 1
@@ -196,4 +257,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["DESIRABLE", "UNDESIRABLE", "build_parser", "main", "mine"]
+__all__ = ["DESIRABLE", "MineConfig", "UNDESIRABLE", "build_parser", "main", "mine", "mine_argv"]

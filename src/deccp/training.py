@@ -118,12 +118,25 @@ def parse_args(kind: str, argv: list[str] | None = None):
     """(model_args, data_args, training_args) from `--config RECIPE [--key value …]`, strictly checked."""
     from deccp.config import parse_config
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _accelerator() and "--use_cpu" not in argv:
+        argv += ["--use_cpu", "true"]  # TrainingArguments refuses bf16 without it on a CPU-only machine
     try:
-        return parse_config([ModelArguments, DataArguments, config_class(kind)], argv)
+        model_args, data_args, training_args = parse_config([ModelArguments, DataArguments, config_class(kind)], argv)
     except DeccpError:
         raise
     except ValueError as exc:  # a dataclass __post_init__ (TrainingArguments' checks)
         raise DeccpError(str(exc)) from None
+    if model_args.dtype == "auto":  # follow the mixed-precision setting: bf16 training keeps bf16 weights
+        model_args.dtype = ("bfloat16" if training_args.bf16 else "float16" if training_args.fp16
+                            else dtype_name("auto"))
+    return model_args, data_args, training_args
+
+
+def _accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -281,19 +294,33 @@ def dtype_name(dtype: str) -> str:
 def resume_checkpoint(value: str | None, output_dir: Path) -> str | None:
     """`resume_from_checkpoint`: a checkpoint directory; `true`/`last`: the newest in output_dir (it must exist);
     `auto`: the newest if any, else start fresh; empty/`false`: start fresh."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if value is None or str(value).lower() in ("", "false", "no", "none", "0"):
         return None
     key = str(value).lower()
     if key in ("true", "yes", "1", "last", "auto"):
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last = last_complete_checkpoint(output_dir)
         if last is None and key != "auto":
             raise DeccpError(f"resume_from_checkpoint: no checkpoint-* directory in {output_dir}")
         return last
     if not Path(value).is_dir():
         raise DeccpError(f"resume_from_checkpoint: {value}: no such checkpoint directory")
     return str(value)
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest `checkpoint-N` that was written to the end (its `trainer_state.json` is written last); a
+    checkpoint cut short by a kill is moved aside to `<name>.incomplete-<time>`, never resumed from."""
+    if not output_dir.is_dir():
+        return None
+    ckpts = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    for p in reversed(ckpts):
+        if (p / "trainer_state.json").is_file():
+            return str(p)
+        moved = p.with_name(f"{p.name}.incomplete-{int(time.time())}")
+        logger.warning("%s: incomplete checkpoint (killed while saving?), moved to %s", p, moved.name)
+        p.rename(moved)
+    return None
 
 
 def _versions() -> dict:
