@@ -94,7 +94,7 @@ def headline(report: dict) -> dict:
     """The before/after numbers the manifest and the model card carry: {metric/lang: {base, model}}."""
     base, model = split_models(report)
     out: dict = {"base": base["name"], "model": model["name"]}
-    for label, (group, *rest), _ in ROWS:
+    for _label, (group, *rest), _ in ROWS:
         for lang, _ in LANGS:
             b, m = _rate(base["metrics"], group, lang, tuple(rest)), _rate(model["metrics"], group, lang, tuple(rest))
             if b is not None or m is not None:
