@@ -728,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeccpError as exc:
         print(f"deccp run: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, permissions: say which path, keep what is finished
+        from deccp.io import _explain_os_error
+
+        print(f"deccp run: error: {_explain_os_error(exc, Path(exc.filename or args.output_dir or '.'))}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("deccp run: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
