@@ -222,3 +222,18 @@ def test_make_pipeline_and_publish_targets_use_the_cli():
     text = (REPO / "Makefile").read_text()
     assert "$(DECCP) run $(PIPELINE_RECIPE)" in text and "$(DECCP) publish $(PUBLISH_DIR)" in text
     assert "not implemented" not in text
+
+
+def test_training_steps_go_through_accelerate_launch_with_the_recipes_config(monkeypatch, tmp_path):
+    from deccp.pipeline import step_command
+
+    monkeypatch.chdir(REPO)
+    plan = load_plan(REPO / "recipes" / "qwen2.5-7b-instruct" / "pipeline-8x80gb.yaml")
+    kto = next(s for s in plan.steps if s.kind == "kto")
+    cmd = step_command(plan, kto, tmp_path / "kto.yaml")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == "accelerate_configs/deepspeed_zero3.yaml"
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    assert cmd[-4:] == ["deccp.cli", "kto", "--config", str(tmp_path / "kto.yaml")]
+    assert kto.config["mined_files"] == [str(plan.out / "mine" / "mined.jsonl")]  # wired from the mine step
+    assert kto.config["model"].endswith("abliterate/model")

@@ -97,10 +97,6 @@ class Step:
     upstream: str | None = None  # the name of the model step it reads from (None: the source model)
     key: str = ""
 
-    @property
-    def where(self) -> str:
-        return f"steps[{self.index}] ({self.name})"
-
 
 # ------------------------------------------------------------------------------------ dataclasses
 def step_dataclasses(kind: str) -> list[type]:
@@ -136,9 +132,6 @@ class Plan:
     out: Path
     steps: list[Step]
     source_fingerprint: str | None = None
-
-    def step(self, name: str) -> Step:
-        return next(s for s in self.steps if s.name == name)
 
 
 def _hash(obj: Any) -> str:
@@ -314,8 +307,6 @@ def _check_order(steps: list[Step], src: str) -> list[str]:
             elif not evaluated_since_model:
                 problems.append(f"{at}: publish needs an eval step after the last model step (the model card "
                                 "carries its numbers)")
-    if steps and steps[-1].kind in MODEL_KINDS:
-        pass  # a pipeline may end with a model (no evaluation): allowed
     return problems
 
 
@@ -459,10 +450,6 @@ def step_states(plan: Plan, manifest: Manifest) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------------------------- commands
-def _python() -> list[str]:
-    return [sys.executable]
-
-
 def _cuda() -> bool:
     try:
         import torch
@@ -475,27 +462,24 @@ def _cuda() -> bool:
 def step_command(plan: Plan, step: Step, config_path: Path) -> list[str]:
     """The child process that runs `step`."""
     if step.kind == "abliterate":
-        return [*_python(), "-m", "deccp.cli", "abliterate", "--config", str(config_path)]
+        return [sys.executable, "-m", "deccp.cli", "abliterate", "--config", str(config_path)]
     if step.kind == "eval":
-        return [*_python(), "-m", "deccp.cli", "eval", "--config", str(config_path)]
+        return [sys.executable, "-m", "deccp.cli", "eval", "--config", str(config_path)]
     if step.kind == "mine":
         from deccp.mining import MineConfig, mine_argv
 
         argv = mine_argv(MineConfig(**step.config))
-        return [*_python(), "-m", "deccp.cli", "data", "mine", *argv]
+        return [sys.executable, "-m", "deccp.cli", "data", "mine", *argv]
     if step.kind in TRAIN_KINDS:
-        cmd = [*_python(), "-m", "accelerate.commands.launch"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
         if plan.config.accelerate_config:
             cmd += ["--config_file", plan.config.accelerate_config]
-        elif not _cuda():
-            cmd += ["--cpu", "--num_processes", str(plan.config.num_processes or 1), "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]
-        else:
-            cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if plan.config.num_processes and (plan.config.accelerate_config or _cuda()):
-            cmd += ["--num_processes", str(plan.config.num_processes)]
-        elif not plan.config.accelerate_config and _cuda():
-            cmd += ["--num_processes", "1"]
+        else:  # one process, on the GPU if there is one
+            cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    *([] if _cuda() else ["--cpu"])]
+        processes = plan.config.num_processes or (None if plan.config.accelerate_config else 1)
+        if processes:
+            cmd += ["--num_processes", str(processes)]
         return [*cmd, "-m", "deccp.cli", step.kind, "--config", str(config_path)]
     raise DeccpError(f"{step.kind}: runs in-process")  # publish
 
