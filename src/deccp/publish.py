@@ -112,17 +112,18 @@ def _pct(x: float | None) -> str:
 
 
 def results_tables(report: dict) -> str:
-    """Markdown: before/after per language, capability, KL."""
+    """Markdown: before/after per language (the numbers of `headline`), capability, KL."""
     base, model = split_models(report)
+    numbers = headline(report)
     lines = ["| metric | " + " | ".join(f"{name} before | {name} after" for _, name in LANGS) + " |",
              "|---|" + "---|---|" * len(LANGS)]
     for label, (group, *rest), higher in ROWS:
         cells = []
         for lang, _ in LANGS:
-            b = _rate(base["metrics"], group, lang, tuple(rest))
-            m = _rate(model["metrics"], group, lang, tuple(rest))
-            cells += [_pct(b), f"**{_pct(m)}**" if m is not None and b is not None and
-                      ((m > b) if higher else (m < b)) else _pct(m)]
+            pair = numbers.get(f"{group}:{'/'.join(rest)}/{lang}", {})
+            b, m = pair.get("base"), pair.get("model")
+            better = m is not None and b is not None and ((m > b) if higher else (m < b))
+            cells += [_pct(b), f"**{_pct(m)}**" if better else _pct(m)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     n = {lang: _get(model["metrics"], ("sensitive", lang, "n")) for lang, _ in LANGS}
     text = "\n".join(lines)
