@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,13 @@ def test_tiny_pipeline_killed_resumed_and_rerun_after_a_change(tmp_path):
     # nothing changed: everything is skipped
     r = _run([str(recipe), "--output_dir", str(out)], timeout=300)
     assert r.returncode == 0 and r.stdout.count("skipped") == 6, r.stdout
+
+    # a moved output folder (modification times kept, as mv / cp -a / rsync -a do) is still finished
+    moved = tmp_path / "elsewhere" / "pipe"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    plan = load_plan(recipe, output_dir=str(moved))
+    assert set(step_states(plan, Manifest(moved / MANIFEST)).values()) == {"done"}
 
 
 def test_publish_without_push_or_token_uploads_nothing(tmp_path, monkeypatch, capsys):

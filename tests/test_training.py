@@ -49,6 +49,10 @@ def _check_output(out: Path, kind: str, steps: int) -> dict:
     assert rec["kind"] == kind and rec["global_step"] == steps and rec["adapter"] is True
     assert rec["model"]["spec"] == "tiny-qwen2" and rec["data"]["rows_harmful"] >= 1
     assert {"torch", "transformers", "trl", "peft", "accelerate"} <= set(rec["versions"])
+    tp = rec["throughput"]  # counted from the batches this process stepped through
+    assert tp["micro_batches"] >= 1 and tp["tokens"] > 0 and tp["tokens_per_s"] > 0
+    assert (tp["kl_tokens"] > 0) == (kind == "kto")
+    assert rec["distributed_type"] == "NO" and rec["mixed_precision"] == "no"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs missing"
     merged = out / "merged"
@@ -86,6 +90,26 @@ def test_kto_end_to_end(tmp_path):
     launch("kto", out, "--max_steps", "2", cwd=tmp_path)
     rec = _check_output(out, "kto", 2)
     assert rec["data"]["desirable"] > 0 and rec["data"]["undesirable"] > 0
+
+
+def test_throughput_meter_counts_real_tokens_once():
+    import torch
+
+    from deccp.training import ThroughputMeter
+
+    meter = ThroughputMeter()
+    meter.count({"input_ids": torch.ones(2, 5), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
+    assert (meter.tokens, meter.kl_tokens, meter.steps) == (8, 0, 1)
+    # KTO: the completion mask already covers the prompt; the KL batch is counted apart
+    meter.count({"prompt_attention_mask": torch.ones(2, 3), "completion_attention_mask": torch.ones(2, 7),
+                 "KL_completion_attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]), "label": [True, False]})
+    assert (meter.tokens, meter.kl_tokens, meter.steps) == (22, 3, 2)
+    # DPO (TRL >= 1.x): prompt+chosen and prompt+rejected rows stacked; completion_mask is a subset, not added
+    meter.count({"input_ids": torch.ones(2, 6), "attention_mask": torch.ones(2, 6), "completion_mask": torch.ones(2, 6)})
+    assert meter.tokens == 34
+    # a batch with only a prompt mask still counts it
+    meter.count({"prompt_attention_mask": torch.ones(1, 4)})
+    assert meter.tokens == 38
 
 
 # ------------------------------------------------------------------------------- config errors

@@ -104,12 +104,74 @@ def bench_evaluation(model: str, recipe: str = "recipes/qwen2.5-coder-0.5b/eval.
             "targets": {"full_le_600s": full <= 600, "cached_le_30s": cached <= 30}}
 
 
+def _accelerate_config(name: str) -> str | None:
+    """`deepspeed_zero2` → accelerate_configs/deepspeed_zero2.yaml; a path stays a path; `cpu` → None."""
+    if name == "cpu":
+        return None
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path("accelerate_configs") / f"{name}.yaml"
+    if not path.is_file():
+        raise DeccpError(f"{path}: no such accelerate config")
+    return str(path)
+
+
+def bench_training(model: str, accelerate_config: str, *, kind: str = "kto", steps: int = 20,
+                   recipe: str | None = None, num_processes: int | None = None, timeout: float | None = None) -> dict:
+    """One `accelerate launch` training run of `steps` optimizer steps (bf16 on GPU, no checkpoints, no merge):
+    tokens/s and peak GPU memory from the run's `deccp_training.json`."""
+    import subprocess
+
+    import torch
+
+    from deccp.training import RECORD
+
+    recipe = recipe or f"recipes/qwen2.5-coder-0.5b/{kind}.yaml"
+    config_file = _accelerate_config(accelerate_config)
+    gpus = torch.cuda.device_count()
+    if config_file and not gpus:
+        raise DeccpError(f"{accelerate_config}: needs a GPU (use --train-configs cpu on a CPU machine)")
+    processes = num_processes or (gpus if config_file else 1)
+    with tempfile.TemporaryDirectory(prefix="deccp-bench-train-") as tmp:
+        out = Path(tmp) / "run"
+        launch = [sys.executable, "-m", "accelerate.commands.launch"]
+        launch += ["--config_file", config_file] if config_file else ["--cpu", "--mixed_precision", "no"]
+        cmd = [*launch, "--num_processes", str(processes), "-m", "deccp.cli", kind, "--config", recipe,
+               "--model", model, "--output_dir", str(out), "--max_steps", str(steps), "--merge", "false",
+               "--save_strategy", "no", "--report_to", "none", "--bf16", "true" if config_file else "false"]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            out_text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            return {"accelerate_config": config_file or "cpu", "ok": False, "timed_out_after_s": timeout,
+                    "log_tail": out_text.strip().splitlines()[-25:]}
+        wall = time.time() - t0
+        if proc.returncode != 0 or not (out / RECORD).is_file():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+            return {"accelerate_config": config_file or "cpu", "ok": False, "returncode": proc.returncode,
+                    "log_tail": tail}
+        record = json.loads((out / RECORD).read_text())
+    m = record["metrics"]
+    return {"accelerate_config": config_file or "cpu", "ok": True, "kind": kind, "recipe": recipe,
+            "num_processes": record["world_size"], "distributed_type": record.get("distributed_type"),
+            "mixed_precision": record.get("mixed_precision"), "steps": record["global_step"],
+            "wall_s": round(wall, 1), "train_runtime_s": m.get("train_runtime"), "train_loss": m.get("train_loss"),
+            **record["throughput"], "versions": record["versions"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deccp.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--recipe", default="recipes/qwen2.5-coder-0.5b/abliterate.yaml")
     ap.add_argument("--search-trials", type=int, default=0, help="also time an Optuna search of N trials")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["abliteration", "generation", "evaluation"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["abliteration", "generation", "evaluation", "training"])
+    ap.add_argument("--train-configs", nargs="*", default=None,
+                    help="accelerate configs to time KTO with (names in accelerate_configs/ or paths; 'cpu' for "
+                         "the CPU); default: deepspeed_zero2 and deepspeed_zero3 when a GPU is present, else none")
+    ap.add_argument("--train-kind", default="kto", choices=["sft", "dpo", "kto"])
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--train-timeout", type=float, default=None, help="seconds before a training run is stopped")
     ap.add_argument("--output", default="bench.json")
     args = ap.parse_args(argv)
     import platform
@@ -125,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             result["generation"] = bench_generation(args.model)
         if "evaluation" not in args.skip:
             result["evaluation"] = bench_evaluation(args.model)
+        configs = args.train_configs
+        if configs is None:
+            configs = ["deepspeed_zero2", "deepspeed_zero3"] if torch.cuda.is_available() else []
+        if "training" not in args.skip and configs:
+            result["training"] = [bench_training(args.model, c, kind=args.train_kind, steps=args.train_steps,
+                                                 timeout=args.train_timeout)
+                                  for c in configs]
         if "abliteration" not in args.skip:
             result["abliteration"] = bench_abliteration(args.model, args.recipe)
             if args.search_trials:

@@ -414,12 +414,22 @@ class Manifest:
         return self.data["steps"].setdefault(name, {})
 
 
-def _outputs_intact(entry: dict) -> bool:
+def _stored_path(out: Path, path: Path | str) -> str:
+    """How the manifest names an output: relative to OUT when inside it, so a moved or copied OUT (with its
+    modification times: mv, cp -a, rsync -a) still counts as finished."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _outputs_intact(entry: dict, out: Path) -> bool:
     """The files a finished step recorded are still there, unchanged."""
     from deccp.models import fingerprint
 
     for rec in (entry.get("outputs") or {}).values():
-        p = Path(rec["path"])
+        p = out / rec["path"]  # an absolute stored path stays absolute
         if not p.exists():
             return False
         if rec.get("fingerprint") and fingerprint(p) != rec["fingerprint"]:
@@ -436,7 +446,7 @@ def step_states(plan: Plan, manifest: Manifest) -> dict[str, str]:
     for step in plan.steps:
         entry = manifest.data["steps"].get(step.name) or {}
         if not invalid and entry.get("status") == "done" and entry.get("key") == step.key \
-                and _outputs_intact(entry):
+                and _outputs_intact(entry, plan.out):
             states[step.name] = "done"
             continue
         invalid = True  # everything after a step that runs runs too
@@ -517,10 +527,10 @@ def _tail(path: Path, n: int = 8) -> str:
 
 
 # -------------------------------------------------------------------------------------- outputs
-def _model_record(path: Path) -> dict:
+def _model_record(out: Path, path: Path) -> dict:
     from deccp.models import fingerprint
 
-    return {"path": str(path), "fingerprint": fingerprint(path)}
+    return {"path": _stored_path(out, path), "fingerprint": fingerprint(path)}
 
 
 def _collect(plan: Plan, step: Step) -> tuple[dict, dict]:
@@ -531,12 +541,12 @@ def _collect(plan: Plan, step: Step) -> tuple[dict, dict]:
         rec = json.loads((model / "abliteration.json").read_text())
         metrics = {"chosen": {k: v for k, v in rec.get("chosen", {}).items() if k != "plan"},
                    "check": rec.get("check"), "timings_s": rec.get("timings_s")}
-        return {"model": _model_record(model)}, metrics
+        return {"model": _model_record(plan.out, model)}, metrics
     if step.kind == "mine":
         path = Path(step.config["out"])
         meta = json.loads(path.with_name(path.name + ".meta.json").read_text())
         keys = ("prompts", "samples", "rows", "desirable", "undesirable", "judge_labels", "seconds")
-        return {"rows": {"path": str(path), "sha256": sha256_file(path)}}, {k: meta.get(k) for k in keys}
+        return {"rows": {"path": _stored_path(plan.out, path), "sha256": sha256_file(path)}}, {k: meta.get(k) for k in keys}
     if step.kind in TRAIN_KINDS:
         from deccp.training import RECORD
 
@@ -544,17 +554,17 @@ def _collect(plan: Plan, step: Step) -> tuple[dict, dict]:
         rec = json.loads((d / "run" / RECORD).read_text())
         metrics = {"global_step": rec.get("global_step"), "train": rec.get("metrics"),
                    "rows": rec.get("data", {}).get("rows"), "seconds": rec.get("seconds")}
-        return {"model": _model_record(model)}, metrics
+        return {"model": _model_record(plan.out, model)}, metrics
     if step.kind == "eval":
         report = d / "report.json"
         from deccp.publish import headline
 
-        return {"report": {"path": str(report), "sha256": sha256_file(report)}}, \
+        return {"report": {"path": _stored_path(plan.out, report), "sha256": sha256_file(report)}}, \
             headline(json.loads(report.read_text()))
     if step.kind == "publish":
         card = d / "README.md"
-        return {"folder": {"path": str(d), "fingerprint": _model_record(d)["fingerprint"]},
-                "card": {"path": str(card), "sha256": sha256_file(card)}}, {}
+        return {"folder": _model_record(plan.out, d),
+                "card": {"path": _stored_path(plan.out, card), "sha256": sha256_file(card)}}, {}
     return {}, {}
 
 

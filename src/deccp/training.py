@@ -347,6 +347,63 @@ def _plain(obj):
 
 
 # ------------------------------------------------------------------------------------------- train
+class ThroughputMeter:
+    """Counts the non-padding tokens of every batch a trainer steps through, and peak accelerator memory.
+
+    Tokens are the sums of the batch's `*attention_mask` tensors (SFT and DPO: `attention_mask`, DPO's rows being
+    prompt+chosen and prompt+rejected); KTO's `prompt_attention_mask` is left out because its
+    `completion_attention_mask` covers prompt and answer, and its KL batch (`KL_*`) is counted apart, being an
+    extra forward pass without gradients.
+    """
+
+    def __init__(self):
+        self.tokens = 0
+        self.kl_tokens = 0
+        self.steps = 0
+
+    def count(self, inputs) -> None:
+        masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask") and hasattr(v, "sum")}
+        if any(k != "prompt_attention_mask" and not k.startswith("KL_") for k in masks):
+            masks.pop("prompt_attention_mask", None)
+        for key, mask in masks.items():
+            n = int(mask.sum())
+            if key.startswith("KL_"):
+                self.kl_tokens += n
+            else:
+                self.tokens += n
+        self.steps += 1
+
+    def attach(self, trainer) -> None:
+        """Wrap `trainer.training_step` so that every micro-batch is counted before it runs."""
+        step = trainer.training_step
+
+        def counted(model, inputs, *args, **kwargs):
+            self.count(inputs)
+            return step(model, inputs, *args, **kwargs)
+
+        trainer.training_step = counted
+
+    def summary(self, trainer, train_seconds: float | None) -> dict:
+        """Totals over all processes (summed with the trainer's accelerator), tokens per second, and the peak
+        memory of this process's GPU (rank 0's when the record is written)."""
+        import torch
+
+        totals = [self.tokens, self.kl_tokens, self.steps]
+        acc = getattr(trainer, "accelerator", None)
+        if acc is not None and acc.num_processes > 1:
+            t = acc.reduce(torch.tensor(totals, device=acc.device, dtype=torch.long), reduction="sum")
+            totals = [int(x) for x in t.tolist()]
+        tokens, kl_tokens, micro_batches = totals
+        out = {"tokens": tokens, "kl_tokens": kl_tokens, "micro_batches": micro_batches,
+               "train_seconds": round(train_seconds, 2) if train_seconds else None,
+               "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else None}
+        if torch.cuda.is_available():
+            out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+            out["gpu"] = torch.cuda.get_device_name(0)
+        return out
+
+
 def run_training(kind: str, model_args: ModelArguments, data_args: DataArguments, training_args) -> Path:
     """Train with TRL's trainer for `kind`; save the model (adapter with LoRA), tokenizer and `deccp_training.json`
     to `training_args.output_dir`; with `merge`, also the merged model in `<output_dir>/merged`."""
@@ -391,7 +448,12 @@ def run_training(kind: str, model_args: ModelArguments, data_args: DataArguments
         model=str(model_path), args=training_args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
     )
+    meter = ThroughputMeter()
+    meter.attach(trainer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     result = trainer.train(resume_from_checkpoint=resume)
+    throughput = meter.summary(trainer, result.metrics.get("train_runtime"))
     trainer.save_model(str(out))
     merged = None
     if state.is_main_process:
@@ -405,10 +467,13 @@ def run_training(kind: str, model_args: ModelArguments, data_args: DataArguments
             "resumed_from": resume,
             "global_step": trainer.state.global_step,
             "metrics": result.metrics,
+            "throughput": throughput,
             "data": {**asdict(data_args), **stats},
             "model_args": asdict(model_args),
             "training_args": _plain(training_args),
             "world_size": state.num_processes,
+            "distributed_type": str(getattr(state.distributed_type, "value", state.distributed_type)),
+            "mixed_precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no",
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
             "versions": _versions(),
             "command": sys.argv,
