@@ -245,3 +245,23 @@ def test_training_steps_go_through_accelerate_launch_with_the_recipes_config(mon
     assert cmd[-4:] == ["deccp.cli", "kto", "--config", str(tmp_path / "kto.yaml")]
     assert kto.config["mined_files"] == [str(plan.out / "mine" / "mined.jsonl")]  # wired from the mine step
     assert kto.config["model"].endswith("abliterate/model")
+
+
+def test_several_processes_without_a_config_use_ddp_on_gpus_and_fail_clearly_on_cpu(monkeypatch, tmp_path):
+    import deccp.pipeline as pipeline
+    from deccp import DeccpError
+
+    data = tiny_recipe()
+    data["num_processes"] = 2
+    recipe = write_recipe(tmp_path, data)
+    monkeypatch.setattr(pipeline, "_cuda", lambda: False)
+    with pytest.raises(DeccpError, match="num_processes: 2 processes without a GPU need an accelerate_config"):
+        load_plan(recipe, output_dir=str(tmp_path / "out"))  # caught before anything runs
+    monkeypatch.setattr(pipeline, "_cuda", lambda: True)
+    plan = load_plan(recipe, output_dir=str(tmp_path / "out"))
+    kto = next(s for s in plan.steps if s.kind == "kto")
+    cmd = pipeline.step_command(plan, kto, tmp_path / "kto.yaml")
+    assert "--multi_gpu" in cmd and "--cpu" not in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
+    monkeypatch.setattr(pipeline, "_cuda", lambda: False)
+    with pytest.raises(DeccpError, match="num_processes: 2 processes without a GPU"):
+        pipeline.step_command(plan, kto, tmp_path / "kto.yaml")

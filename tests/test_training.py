@@ -92,6 +92,22 @@ def test_kto_end_to_end(tmp_path):
     assert rec["data"]["desirable"] > 0 and rec["data"]["undesirable"] > 0
 
 
+def test_kto_with_two_processes_sums_throughput_over_ranks(tmp_path):
+    """Two CPU processes (torchrun, gloo; accelerate launch needs MPI for several CPU processes): one record, the
+    batches of both ranks summed."""
+    out = tmp_path / "kto2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train" / "kto.py"), "--config", str(RECIPES / "tiny" / "kto.yaml"),
+           "--output_dir", str(out), "--max_steps", "2", "--merge", "false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=420)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    rec = _record(out)
+    assert rec["world_size"] == 2 and rec["distributed_type"] == "MULTI_CPU" and rec["global_step"] == 2
+    assert rec["throughput"]["micro_batches"] == 4  # 2 steps × 2 ranks, summed by the accelerator
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_throughput_meter_counts_real_tokens_once():
     import torch
 

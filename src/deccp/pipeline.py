@@ -184,6 +184,9 @@ def load_plan(recipe: str | Path, *, output_dir: str | None = None, model: str |
         problems.append(f"{src}: accelerate_config: {cfg.accelerate_config}: no such file")
     if cfg.num_processes is not None and cfg.num_processes < 1:
         problems.append(f"{src}: num_processes: at least 1")
+    elif (cfg.num_processes or 1) > 1 and not cfg.accelerate_config and not _cuda():
+        problems.append(f"{src}: num_processes: {cfg.num_processes} processes without a GPU need an accelerate_config "
+                        "(accelerate runs several CPU processes only through MPI)")
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         problems.append(f"{src}: data_dir: {cfg.data_dir}: no such directory")
     local = Path(cfg.model)
@@ -484,9 +487,14 @@ def step_command(plan: Plan, step: Step, config_path: Path) -> list[str]:
         cmd = [sys.executable, "-m", "accelerate.commands.launch"]
         if plan.config.accelerate_config:
             cmd += ["--config_file", plan.config.accelerate_config]
-        else:  # one process, on the GPU if there is one
+        else:  # one process, on the GPU if there is one; several GPUs: DDP
+            processes = plan.config.num_processes or 1
+            if processes > 1 and not _cuda():
+                raise DeccpError(f"num_processes: {processes} processes without a GPU need an accelerate config "
+                                 "(accelerate runs several CPU processes only through MPI); use 1, or name one in "
+                                 "accelerate_config")
             cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    *([] if _cuda() else ["--cpu"])]
+                    *(["--multi_gpu"] if processes > 1 else []), *([] if _cuda() else ["--cpu"])]
         processes = plan.config.num_processes or (None if plan.config.accelerate_config else 1)
         if processes:
             cmd += ["--num_processes", str(processes)]
