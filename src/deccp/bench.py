@@ -139,18 +139,17 @@ def bench_training(model: str, accelerate_config: str, *, kind: str = "kto", ste
         cmd = [*launch, "--num_processes", str(processes), "-m", "deccp.cli", kind, "--config", recipe,
                "--model", model, "--output_dir", str(out), "--max_steps", str(steps), "--merge", "false",
                "--save_strategy", "no", "--report_to", "none", "--bf16", "true" if config_file else "false"]
+        failed = {"accelerate_config": config_file or "cpu", "ok": False}
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            out_text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            return {"accelerate_config": config_file or "cpu", "ok": False, "timed_out_after_s": timeout,
-                    "log_tail": out_text.strip().splitlines()[-25:]}
+        except subprocess.TimeoutExpired as exc:  # its output arrives as bytes, text=True or not
+            text = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            return {**failed, "timed_out_after_s": timeout, "log_tail": text.strip().splitlines()[-25:]}
         wall = time.time() - t0
         if proc.returncode != 0 or not (out / RECORD).is_file():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
-            return {"accelerate_config": config_file or "cpu", "ok": False, "returncode": proc.returncode,
-                    "log_tail": tail}
+            return {**failed, "returncode": proc.returncode,
+                    "log_tail": (proc.stdout + proc.stderr).strip().splitlines()[-25:]}
         record = json.loads((out / RECORD).read_text())
     m = record["metrics"]
     return {"accelerate_config": config_file or "cpu", "ok": True, "kind": kind, "recipe": recipe,
