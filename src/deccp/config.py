@@ -62,12 +62,19 @@ def load_yaml(path: str | Path) -> dict:
 
 def check_recipe(data: dict, dataclass_types: list[type], source: str, *, prefix: str = "") -> None:
     """Every key known to one of the dataclasses, every value of an allowed type; errors name `file: key`."""
+    problems = recipe_problems(data, dataclass_types, source, prefix=prefix)
+    if problems:
+        raise DeccpError("invalid recipe:\n  " + "\n  ".join(problems.values()))
+
+
+def recipe_problems(data: dict, dataclass_types: list[type], source: str, *, prefix: str = "") -> dict[str, str]:
+    """{key: "file: key: what is wrong"} for every unknown key or value of a wrong type in `data`."""
     fields: dict[str, Any] = {}
     for dc in dataclass_types:
         hints = typing.get_type_hints(dc)
         for f in dataclasses.fields(dc):
             fields.setdefault(f.name, hints[f.name])
-    problems = []
+    problems: dict[str, str] = {}
     for key, value in data.items():
         if key == "env":
             continue
@@ -75,7 +82,7 @@ def check_recipe(data: dict, dataclass_types: list[type], source: str, *, prefix
         if key not in fields:
             near = difflib.get_close_matches(str(key).replace("-", "_"), list(fields), n=1, cutoff=0.75)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            problems.append(f"{source}: {path}: unknown key{hint}")
+            problems[key] = f"{source}: {path}: unknown key{hint}"
             continue
         allowed, choices = _allowed(fields[key])
         if object in allowed:
@@ -86,11 +93,10 @@ def check_recipe(data: dict, dataclass_types: list[type], source: str, *, prefix
             ok = isinstance(value, allowed)
         if not ok:
             names = "/".join(sorted({t.__name__ for t in allowed}))
-            problems.append(f"{source}: {path}: expected {names}, got {type(value).__name__} {value!r}")
+            problems[key] = f"{source}: {path}: expected {names}, got {type(value).__name__} {value!r}"
         elif choices is not None and value not in choices:
-            problems.append(f"{source}: {path}: {value!r} is not one of {', '.join(map(repr, choices))}")
-    if problems:
-        raise DeccpError("invalid recipe:\n  " + "\n  ".join(problems))
+            problems[key] = f"{source}: {path}: {value!r} is not one of {', '.join(map(repr, choices))}"
+    return problems
 
 
 def parse_config(dataclass_types: list[type], argv: list[str] | None = None):

@@ -331,6 +331,15 @@ def load_model(path: str | os.PathLike, *, dtype: str = "auto", device_map=None,
     return model, tok
 
 
+def accelerator_available() -> bool:
+    """A CUDA (or Intel XPU) device is there: training uses it, and several processes mean one per device."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def resolve_dtype(dtype: str):
     """`auto`: bfloat16 on a CUDA GPU, float32 on CPU; otherwise the named torch dtype."""
     import torch

@@ -45,8 +45,9 @@ from typing import Any
 import yaml
 
 from deccp import DeccpError, __version__
-from deccp.config import check_recipe, load_yaml
+from deccp.config import load_yaml, recipe_problems
 from deccp.io import atomic_write_json, atomic_write_text, ensure_not_inside, sha256_file
+from deccp.models import accelerator_available as _cuda  # a module name the tests can replace
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +164,14 @@ def load_plan(recipe: str | Path, *, output_dir: str | None = None, model: str |
     path = Path(recipe)
     src = str(path)
     data = load_yaml(path)
-    problems: list[str] = []
-    try:
-        check_recipe(data, [PipelineConfig], src)
-    except DeccpError as exc:
-        problems += _problems(exc)
+    bad = recipe_problems(data, [PipelineConfig], src)
+    problems: list[str] = list(bad.values())
     steps_raw = data.pop("steps", None)
     if not isinstance(steps_raw, list) or not steps_raw:
         problems.append(f"{src}: steps: a non-empty list of steps is required")
         steps_raw = []
     known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    cfg = PipelineConfig(**{k: v for k, v in data.items() if k in known and k not in problems_keys(problems)},
+    cfg = PipelineConfig(**{k: v for k, v in data.items() if k in known and k not in bad},
                          steps=steps_raw)
     if model:
         cfg.model = model
@@ -241,11 +239,6 @@ def load_plan(recipe: str | Path, *, output_dir: str | None = None, model: str |
     return plan
 
 
-def problems_keys(problems: list[str]) -> set[str]:
-    """Top-level keys named in `problems` (their values are not used)."""
-    return {p.split(": ")[1] for p in problems if p.count(": ") >= 2}
-
-
 def _check_step(step: Step, src: str) -> list[str]:
     """Keys and types of the step's recipe file and args; wired keys rejected."""
     problems: list[str] = []
@@ -256,13 +249,12 @@ def _check_step(step: Step, src: str) -> list[str]:
             return [f"{src}: steps[{step.index}].recipe: {step.recipe}: no such file"]
         try:
             file_cfg = load_yaml(step.recipe)
-            check_recipe(file_cfg, types, step.recipe)
         except DeccpError as exc:
             return _problems(exc)
-    try:
-        check_recipe(step.args, types, src, prefix=f"steps[{step.index}].args.")
-    except DeccpError as exc:
-        problems += _problems(exc)
+        bad = recipe_problems(file_cfg, types, step.recipe)
+        if bad:
+            return list(bad.values())
+    problems += recipe_problems(step.args, types, src, prefix=f"steps[{step.index}].args.").values()
     for key in WIRED[step.kind]:
         if key in step.args:
             problems.append(f"{src}: steps[{step.index}].args.{key}: set by the pipeline (it chains the steps); "
@@ -463,15 +455,6 @@ def step_states(plan: Plan, manifest: Manifest) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------------------------- commands
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        return False
-
-
 def step_command(plan: Plan, step: Step, config_path: Path) -> list[str]:
     """The child process that runs `step`."""
     if step.kind == "abliterate":

@@ -117,9 +117,10 @@ def trainer_class(kind: str):
 def parse_args(kind: str, argv: list[str] | None = None):
     """(model_args, data_args, training_args) from `--config RECIPE [--key value …]`, strictly checked."""
     from deccp.config import parse_config
+    from deccp.models import accelerator_available
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not _accelerator() and "--use_cpu" not in argv:
+    if not accelerator_available() and "--use_cpu" not in argv:
         argv += ["--use_cpu", "true"]  # TrainingArguments refuses bf16 without it on a CPU-only machine
     try:
         model_args, data_args, training_args = parse_config([ModelArguments, DataArguments, config_class(kind)], argv)
@@ -131,12 +132,6 @@ def parse_args(kind: str, argv: list[str] | None = None):
         model_args.dtype = ("bfloat16" if training_args.bf16 else "float16" if training_args.fp16
                             else dtype_name("auto"))
     return model_args, data_args, training_args
-
-
-def _accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 # ------------------------------------------------------------------------------------------- data
