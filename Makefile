@@ -20,6 +20,8 @@ OUT ?=
 RECIPE ?=
 BASE ?=
 PYTEST_ARGS ?=
+HERETIC ?=
+BENCH_ARGS ?=
 
 out_arg = $(if $(OUT),--output_dir $(OUT),)
 model_arg = $(if $(filter-out default,$(MODEL)),--model $(MODEL),)
@@ -56,8 +58,8 @@ abliterate: $(STAMP)
 eval: $(STAMP)  ## MODEL=… [BASE=…] [OUT=…] [RECIPE=…]
 	$(PY) eval/evaluate.py --config $(or $(RECIPE),recipes/qwen2.5-coder-0.5b/eval.yaml) --model $(MODEL) $(if $(BASE),--base $(BASE),) $(out_arg)
 
-bench: $(STAMP)
-	$(PY) -m deccp.bench --model $(MODEL) --output $(or $(OUT),bench.json)
+bench: $(STAMP)  ## [HERETIC=path/to/heretic] [BENCH_ARGS=…]
+	$(PY) -m deccp.bench --model $(MODEL) --output $(or $(OUT),bench.json) $(if $(HERETIC),--heretic $(HERETIC),) $(BENCH_ARGS)
 
 PIPELINE_RECIPE := $(or $(RECIPE),recipes/qwen2.5-coder-0.5b/pipeline.yaml)
 PUBLISH_DIR ?= $(or $(DIR),$(or $(OUT),outputs/pipeline/qwen2.5-coder-0.5b)/publish)

@@ -145,3 +145,32 @@ def test_real_default_model_refuses_less_after_abliteration(real_model_dir, tmp_
     assert before["sensitive/en"] >= 0.5  # the base model refuses most sensitive English questions
     assert after["sensitive/en"] < before["sensitive/en"]
     assert (tmp_path / "abl" / "model.safetensors").is_file()
+
+
+def test_scorer_keeps_kl_on_answered_harmless_prompts_apart(tiny_model_dir, monkeypatch):
+    """The collateral-damage KL averages only the harmless prompts the unedited model answered."""
+    from deccp.abliteration import scoring
+    from deccp.abliteration.edits import EditPlan, LiveEdit, ModuleEdit
+    from deccp.data.schema import Prompt
+    from deccp.metrics import kl_per_position
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    harmless = [Prompt(text=t, lang="en") for t in ("Refuse me", "Name a colour.", "What is rain?")]
+    sets = scoring.PromptSets(sensitive=[Prompt(text="Q?", lang="en")], harmful=[], harmless=harmless)
+    # judged in order: the sensitive answer, then harmless 1..3; the unedited model "refuses" harmless 1 only
+    calls = iter([False, True, False, False])
+    monkeypatch.setattr(scoring, "is_refusal", lambda t, lang: next(calls))
+    scorer = scoring.Scorer(model, tok, sets, max_new_tokens=2, batch_size=4)
+    assert scorer.answered.tolist() == [False, True, True] and scorer.base.kl_answered == 0.0
+    d = torch.randn(model.config.hidden_size)
+    plan = EditPlan([ModuleEdit(f"model.layers.{i}.mlp.down_proj.weight", d / d.norm(), 3.0)
+                     for i in range(model.config.num_hidden_layers)])
+    monkeypatch.setattr(scoring, "is_refusal", lambda t, lang: False)
+    with LiveEdit(model, plan):
+        m = scorer.measure()
+        _, first = scoring.short_answers(model, tok, [p.text for p in harmless], max_new_tokens=1, batch_size=4)
+    per_row = kl_per_position(scorer.ref_logp, first)
+    assert m.kl == pytest.approx(float(per_row.mean()), rel=1e-4)
+    assert m.kl_answered == pytest.approx(float(per_row[1:].mean()), rel=1e-4)
+    assert m.damage_kl == m.kl_answered and m.kl_answered != pytest.approx(m.kl)
+    assert m.to_dict()["kl_first_token_answered"] == round(m.kl_answered, 5)

@@ -171,10 +171,10 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
                                              n_trials=cfg.n_trials, seed=cfg.seed, storage_path=study,
                                              layer_range=tuple(cfg.candidate_range),
                                              plot_path=out.with_name(out.name + ".pareto.png"))
-        log("Pareto front (sensitive+harmless refusal, KL, lost harmful refusals):")
+        log("Pareto front (sensitive+harmless refusal, KL on answered harmless prompts, lost harmful refusals):")
         for tr in sorted(pareto, key=lambda x: x.score):
             log(f"  layer {tr.params.direction_layer:5.2f} {tr.params.variant:<11} score {tr.score:.3f} "
-                f"refusal {tr.measurement.refusal} kl {tr.measurement.kl:.4f}")
+                f"refusal {tr.measurement.refusal} kl {tr.measurement.damage_kl:.4f}")
         search_info = {"study": str(study), "trials": [x.to_dict() for x in trials],
                        "pareto": [x.to_dict() for x in pareto], "plot": str(out.with_name(out.name + ".pareto.png"))}
         params = best.params
@@ -284,7 +284,8 @@ def format_summary(record: dict) -> str:
         for key in sorted(b["refusal"]):
             n = b["counts"][key][1]
             lines.append(f"  refusal {key:<16} {b['refusal'][key]:6.1%} → {a['refusal'][key]:6.1%}   (n={n})")
-        lines.append(f"  first-token KL (harmless)  {b['kl_first_token']:.4f} → {a['kl_first_token']:.4f}")
+        lines.append(f"  first-token KL, harmless prompts the original answered  0 → {a.get('kl_first_token_answered') or 0:.4f}")
+        lines.append(f"  first-token KL, all harmless prompts                    0 → {a['kl_first_token']:.4f}")
         for ex in check.get("examples", []):
             lines.append(f"\n  Q [{ex['lang']}]: {ex['prompt']}")
             lines.append(f"    before: {_short(ex['before'])}")

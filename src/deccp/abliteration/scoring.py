@@ -1,5 +1,10 @@
 """Score an edit quickly: refusal of sensitive (per language) and harmful prompts from short greedy answer
-prefixes, refusal of harmless prompts, and first-token KL to the unedited model on harmless prompts."""
+prefixes, refusal of harmless prompts, and first-token KL to the unedited model on harmless prompts.
+
+Two KLs are kept. `kl` averages over every harmless prompt; `kl_answered` only over the harmless prompts the
+unedited model answered. Our harmless set includes non-China history and politics that the base model often
+refuses too, and turning those refusals into answers is wanted, yet moves the first token a lot; the second
+KL is the collateral damage on answers that should not change, and it is what candidates are scored on."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from deccp.chat import encode_batch
 from deccp.data.schema import Prompt
 from deccp.judges.refusal import is_refusal
-from deccp.metrics import first_token_kl, rate_ci
+from deccp.metrics import kl_per_position, rate_ci
 
 
 @dataclass
@@ -64,7 +69,13 @@ class Measurement:
     refusal: dict[str, float]  # "sensitive/en", "sensitive/zh", "harmful", "harmless"
     counts: dict[str, tuple[int, int]]
     kl: float
+    kl_answered: float | None = None
     answers: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def damage_kl(self) -> float:
+        """KL on the harmless prompts the unedited model answered (all harmless prompts if it answered none)."""
+        return self.kl if self.kl_answered is None else self.kl_answered
 
     def ci(self, key: str) -> tuple[float, float, float]:
         return rate_ci(*self.counts[key])
@@ -75,7 +86,8 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return {"refusal": {k: round(v, 4) for k, v in self.refusal.items()},
-                "counts": {k: list(v) for k, v in self.counts.items()}, "kl_first_token": round(self.kl, 5)}
+                "counts": {k: list(v) for k, v in self.counts.items()}, "kl_first_token": round(self.kl, 5),
+                "kl_first_token_answered": None if self.kl_answered is None else round(self.kl_answered, 5)}
 
 
 class Scorer:
@@ -87,6 +99,7 @@ class Scorer:
         self.max_new_tokens, self.batch_size, self.system = max_new_tokens, batch_size, system
         self.kl_weight, self.harmful_weight = kl_weight, harmful_weight
         self.ref_logp: torch.Tensor | None = None
+        self.answered: torch.Tensor | None = None  # harmless rows the unedited model did not refuse
         self.base = self.measure()
 
     def measure(self) -> Measurement:
@@ -100,20 +113,29 @@ class Scorer:
                                      max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, system=self.system)
         refusal, counts, answers = {}, {}, {}
         i = 0
-        harmless_rows = None
+        harmless_rows, harmless_refused = None, []
         for key, ps in groups.items():
             chunk = texts[i:i + len(ps)]
             if key == "harmless":
                 harmless_rows = first[i:i + len(ps)]
             i += len(ps)
-            k = sum(is_refusal(t, p.lang) for t, p in zip(chunk, ps, strict=True))
+            flags = [is_refusal(t, p.lang) for t, p in zip(chunk, ps, strict=True)]
+            if key == "harmless":
+                harmless_refused = flags
+            k = sum(flags)
             refusal[key], counts[key], answers[key] = (k / len(ps) if ps else 0.0), (k, len(ps)), chunk
         if self.ref_logp is None:
             self.ref_logp = harmless_rows
-        kl = first_token_kl(self.ref_logp, harmless_rows) if harmless_rows is not None and len(harmless_rows) else 0.0
-        return Measurement(refusal, counts, kl, answers)
+            self.answered = torch.tensor([not f for f in harmless_refused], dtype=torch.bool)
+        if harmless_rows is None or not len(harmless_rows):
+            return Measurement(refusal, counts, 0.0, None, answers)
+        per_row = kl_per_position(self.ref_logp, harmless_rows)
+        kl_answered = float(per_row[self.answered].mean()) if self.answered is not None and self.answered.any() else None
+        return Measurement(refusal, counts, float(per_row.mean()), kl_answered, answers)
 
     def score(self, m: Measurement) -> float:
-        """Lower is better: sensitive refusal + weighted KL + penalty for losing harmful-request refusals."""
+        """Lower is better: sensitive and harmless refusal + weighted KL on the harmless prompts the unedited
+        model answered + a penalty for losing harmful-request refusals."""
         harm_drop = max(0.0, self.base.refusal.get("harmful", 0.0) - m.refusal.get("harmful", 0.0))
-        return m.sensitive_mean() + m.refusal.get("harmless", 0.0) + self.kl_weight * m.kl + self.harmful_weight * harm_drop
+        return (m.sensitive_mean() + m.refusal.get("harmless", 0.0) + self.kl_weight * m.damage_kl
+                + self.harmful_weight * harm_drop)

@@ -57,6 +57,7 @@ def layer_sweep(model, scorer: Scorer, dirs: Directions, base: EditParams, layer
         t = evaluate_params(model, scorer, dirs, params, param_names)
         trials.append(t)
         progress(f"layer {layer:>5.1f}: score {t.score:.3f}  refusal {t.measurement.refusal}  kl {t.measurement.kl:.4f}"
+                 f" (answered {t.measurement.damage_kl:.4f})"
                  f"  ({t.seconds:.1f}s)")
     return min(trials, key=lambda t: t.score), trials
 
@@ -65,7 +66,7 @@ def optuna_search(model, scorer: Scorer, dirs: Directions, base: EditParams, par
                   n_trials: int, seed: int, storage_path: Path, layer_range: tuple[float, float],
                   plot_path: Path | None = None) -> tuple[Trial, list[Trial], list[Trial]]:
     """NSGA-II over direction layer, variant, targeted coefficient and both kernels; three objectives
-    (sensitive refusal, KL, lost harmful refusals). Resumes from `storage_path`. Returns best, all, Pareto."""
+    (sensitive + harmless refusal, KL on answered harmless prompts, lost harmful refusals). Resumes from `storage_path`. Returns best, all, Pareto."""
     import optuna
     from tqdm.auto import tqdm
 
@@ -97,7 +98,7 @@ def optuna_search(model, scorer: Scorer, dirs: Directions, base: EditParams, par
         ot.set_user_attr("score", t.score)
         ot.set_user_attr("measurement", t.measurement.to_dict())
         harm_drop = max(0.0, scorer.base.refusal.get("harmful", 0) - t.measurement.refusal.get("harmful", 0))
-        return t.measurement.sensitive_mean() + t.measurement.refusal.get("harmless", 0.0), t.measurement.kl, harm_drop
+        return t.measurement.sensitive_mean() + t.measurement.refusal.get("harmless", 0.0), t.measurement.damage_kl, harm_drop
 
     done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     remaining = max(0, n_trials - done)
@@ -126,7 +127,7 @@ def _trial_from_optuna(ot, base: EditParams, n_layers: int) -> Trial:
                         embed_weight=base.embed_weight)
     md = ot.user_attrs.get("measurement", {})
     m = Measurement(refusal=md.get("refusal", {}), counts={k: tuple(v) for k, v in md.get("counts", {}).items()},
-                    kl=md.get("kl_first_token", 0.0))
+                    kl=md.get("kl_first_token", 0.0), kl_answered=md.get("kl_first_token_answered"))
     return Trial(params, m, ot.user_attrs.get("score", float("inf")), 0.0)
 
 
