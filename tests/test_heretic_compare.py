@@ -107,3 +107,36 @@ def test_measure_like_heretic_on_tiny_models(tmp_path, tiny_model_dir):
     out = hc.measure_like_heretic(str(base), str(base), tmp_path, settings, batch_size=2)
     assert out["unedited"] == {"refusals": 0, "prompts": 2, "kl_first_token": 0.0}
     assert out["deccp"]["kl_first_token"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _tiny_abliterate_recipe(tmp_path: Path) -> Path:
+    recipe = tmp_path / "abl.yaml"
+    recipe.write_text("langs: [en]\nmax_prompts: 8\nholdout: 2\nbatch_size: 8\nnum_candidates: 1\n"
+                      "score_max_new_tokens: 4\ncheck_prompts: 2\ncheck_max_new_tokens: 4\nexamples: 1\n"
+                      "example_max_new_tokens: 4\n")
+    return recipe
+
+
+def test_bench_heretic_end_to_end_with_a_stand_in(tmp_path, monkeypatch):
+    """`make bench HERETIC=…` path: heretic's trials read back, deccp run, both measured heretic's way; a heretic
+    that stops before its study starts still leaves the rest of the comparison."""
+    from deccp.bench import bench_heretic
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    settings = {"refusal_markers": ["zzzz-never"], "system_prompt": "You are a helpful assistant.",
+                "max_response_length": 2}
+    journal = tmp_path / "journal.jsonl"
+    journal.write_text(json.dumps({"op_code": 2, "user_attr": {"settings": json.dumps(settings)}}) + "\n")
+    (tmp_path / "log.txt").write_text(LOG)
+    exe = _fake_heretic(tmp_path, f'cat "{tmp_path}/log.txt"\nmkdir -p checkpoints\ncp "{journal}" checkpoints/\n')
+    r = bench_heretic("tiny-qwen2", str(_tiny_abliterate_recipe(tmp_path)), str(exe), tmp_path / "work",
+                      trials=2, timeout=60)
+    assert r["heretic"]["best_by_refusals"]["refusals"] == 37 and r["deccp"]["check"]
+    like = r["measured_like_heretic"]
+    assert like["unedited"]["prompts"] == like["deccp"]["prompts"] == r["prompts"]["bad_evaluation_prompts"]
+    assert like["unedited"]["kl_first_token"] == 0.0 and like["deccp"]["kl_first_token"] >= 0.0
+    quiet = _fake_heretic(tmp_path, "exit 3\n")
+    r = bench_heretic("tiny-qwen2", str(_tiny_abliterate_recipe(tmp_path)), str(quiet), tmp_path / "work2",
+                      trials=2, timeout=60)
+    assert r["heretic"]["returncode"] == 3 and r["heretic"]["trials"] == []
+    assert "no heretic study" in r["measured_like_heretic"]["error"]

@@ -174,10 +174,14 @@ def bench_heretic(model: str, recipe: str, executable: str, workdir: Path, *, tr
     counts = hc.write_inputs(workdir, trials=trials)
     heretic = hc.run_heretic(executable, workdir, base, timeout=timeout)
     deccp = bench_abliteration(model, recipe, keep_output=workdir / "deccp-model")
-    same_footing = hc.measure_like_heretic(base, str(workdir / "deccp-model"), workdir, hc.stored_settings(workdir))
-    return {"prompts": counts, "heretic": heretic, "deccp": {"wall_s": deccp["wall_s"], "chosen": deccp["chosen"],
-                                                             "check": deccp.get("check")},
-            "measured_like_heretic": same_footing}
+    out = {"prompts": counts, "heretic": heretic,
+           "deccp": {"wall_s": deccp["wall_s"], "chosen": deccp["chosen"], "check": deccp.get("check")}}
+    try:  # heretic stores its settings when its study starts; a run stopped before that leaves none
+        settings = hc.stored_settings(workdir)
+    except DeccpError as exc:
+        return {**out, "measured_like_heretic": {"error": str(exc)}}
+    return {**out, "measured_like_heretic": hc.measure_like_heretic(base, str(workdir / "deccp-model"), workdir,
+                                                                    settings)}
 
 
 def main(argv: list[str] | None = None) -> int:
