@@ -135,8 +135,14 @@ def test_bench_heretic_end_to_end_with_a_stand_in(tmp_path, monkeypatch):
     like = r["measured_like_heretic"]
     assert like["unedited"]["prompts"] == like["deccp"]["prompts"] == r["prompts"]["bad_evaluation_prompts"]
     assert like["unedited"]["kl_first_token"] == 0.0 and like["deccp"]["kl_first_token"] >= 0.0
+    assert (tmp_path / "work" / "deccp-model" / "abliteration.json").is_file()
     quiet = _fake_heretic(tmp_path, "exit 3\n")
     r = bench_heretic("tiny-qwen2", str(_tiny_abliterate_recipe(tmp_path)), str(quiet), tmp_path / "work2",
                       trials=2, timeout=60)
     assert r["heretic"]["returncode"] == 3 and r["heretic"]["trials"] == []
+    assert "no heretic study" in r["measured_like_heretic"]["error"]
+    (tmp_path / "work2" / "checkpoints").mkdir()  # an old study from an earlier bench is not reused
+    (tmp_path / "work2" / "checkpoints" / "old.jsonl").write_text(journal.read_text())
+    r = bench_heretic("tiny-qwen2", str(_tiny_abliterate_recipe(tmp_path)), str(quiet), tmp_path / "work2",
+                      trials=2, timeout=60)
     assert "no heretic study" in r["measured_like_heretic"]["error"]

@@ -169,8 +169,11 @@ def bench_heretic(model: str, recipe: str, executable: str, workdir: Path, *, tr
     from deccp import heretic_compare as hc
     from deccp.models import resolve_model
 
+    import shutil
+
     base = resolve_model(model)
     workdir = workdir.resolve()
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # heretic would resume an old study: time a new one
     counts = hc.write_inputs(workdir, trials=trials)
     heretic = hc.run_heretic(executable, workdir, base, timeout=timeout)
     deccp = bench_abliteration(model, recipe, keep_output=workdir / "deccp-model")
