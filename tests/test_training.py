@@ -115,11 +115,11 @@ def test_throughput_meter_counts_real_tokens_once():
 
     meter = ThroughputMeter()
     meter.count({"input_ids": torch.ones(2, 5), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])})
-    assert (meter.tokens, meter.kl_tokens, meter.steps) == (8, 0, 1)
+    assert (meter.tokens, meter.kl_tokens, meter.micro_batches) == (8, 0, 1)
     # KTO: the completion mask already covers the prompt; the KL batch is counted apart
     meter.count({"prompt_attention_mask": torch.ones(2, 3), "completion_attention_mask": torch.ones(2, 7),
                  "KL_completion_attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]), "label": [True, False]})
-    assert (meter.tokens, meter.kl_tokens, meter.steps) == (22, 3, 2)
+    assert (meter.tokens, meter.kl_tokens, meter.micro_batches) == (22, 3, 2)
     # DPO (TRL >= 1.x): prompt+chosen and prompt+rejected rows stacked; completion_mask is a subset, not added
     meter.count({"input_ids": torch.ones(2, 6), "attention_mask": torch.ones(2, 6), "completion_mask": torch.ones(2, 6)})
     assert meter.tokens == 34

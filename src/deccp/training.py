@@ -354,7 +354,7 @@ class ThroughputMeter:
     def __init__(self):
         self.tokens = 0
         self.kl_tokens = 0
-        self.steps = 0
+        self.micro_batches = 0
 
     def count(self, inputs) -> None:
         masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask") and hasattr(v, "sum")}
@@ -366,7 +366,7 @@ class ThroughputMeter:
                 self.kl_tokens += n
             else:
                 self.tokens += n
-        self.steps += 1
+        self.micro_batches += 1
 
     def attach(self, trainer) -> None:
         """Wrap `trainer.training_step` so that every micro-batch is counted before it runs."""
@@ -383,7 +383,7 @@ class ThroughputMeter:
         memory of this process's GPU (rank 0's when the record is written)."""
         import torch
 
-        totals = [self.tokens, self.kl_tokens, self.steps]
+        totals = [self.tokens, self.kl_tokens, self.micro_batches]
         acc = getattr(trainer, "accelerator", None)
         if acc is not None and acc.num_processes > 1:
             t = acc.reduce(torch.tensor(totals, device=acc.device, dtype=torch.long), reduction="sum")
