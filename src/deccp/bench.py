@@ -166,10 +166,10 @@ def bench_heretic(model: str, recipe: str, executable: str, workdir: Path, *, tr
                   timeout: float | None) -> dict:
     """heretic-llm and deccp side by side on the same prompts: heretic's own trials, then deccp's recipe, then
     both measured heretic's way (its markers, system prompt and answer length; KL on the same prompts)."""
+    import shutil
+
     from deccp import heretic_compare as hc
     from deccp.models import resolve_model
-
-    import shutil
 
     base = resolve_model(model)
     workdir = workdir.resolve()

@@ -284,7 +284,9 @@ def format_summary(record: dict) -> str:
         for key in sorted(b["refusal"]):
             n = b["counts"][key][1]
             lines.append(f"  refusal {key:<16} {b['refusal'][key]:6.1%} → {a['refusal'][key]:6.1%}   (n={n})")
-        lines.append(f"  first-token KL, harmless prompts the original answered  0 → {a.get('kl_first_token_answered') or 0:.4f}")
+        answered = a.get("kl_first_token_answered")
+        answered_text = "n/a (it refused them all)" if answered is None else f"{answered:.4f}"
+        lines.append(f"  first-token KL, harmless prompts the original answered  0 → {answered_text}")
         lines.append(f"  first-token KL, all harmless prompts                    0 → {a['kl_first_token']:.4f}")
         for ex in check.get("examples", []):
             lines.append(f"\n  Q [{ex['lang']}]: {ex['prompt']}")
