@@ -385,3 +385,16 @@ def source_record(path: str | os.PathLike) -> dict:
     p = Path(path) / SOURCE_RECORD
     return json.loads(p.read_text()) if p.is_file() else {}
 
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc keeps freed tensor buffers otherwise,
+    so a later large allocation, such as a whole shard, adds to the peak instead of reusing them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

@@ -56,6 +56,22 @@ class AbliterationConfig:
     mlp_min_weight: float = 1.0
     embed_weight: float = 0.0
 
+    # healing: a short LoRA distillation after the edit (see deccp.abliteration.healing)
+    heal: bool = field(default=False, metadata={
+        "help": "distil the original back on harmless and harmful prompts, the edited model on sensitive ones"})
+    heal_harmful: bool = field(default=True, metadata={"help": "also distil the original's refusals of harmful prompts"})
+    heal_prompts: int = field(default=64, metadata={"help": "direction-set prompts per kind used for healing"})
+    heal_answer_tokens: int = field(default=12, metadata={"help": "teacher answer prefix the targets follow"})
+    heal_steps: int = 30
+    heal_learning_rate: float = 1e-4
+    heal_batch_size: int = 8
+    heal_rank: int = 8
+    heal_alpha: float = 16.0
+    heal_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    heal_first_token_weight: float = field(default=4.0, metadata={
+        "help": "weight of the first answer token (answer, refuse or switch language) against the later ones"})
+    heal_top_k: int = field(default=64, metadata={"help": "teacher tokens kept per position (the rest is one bucket)"})
+
     # scoring, search
     score_max_new_tokens: int = field(default=12, metadata={"help": "answer prefix judged when scoring candidates"})
     kl_weight: float = 1.0
@@ -91,6 +107,15 @@ class AbliterationConfig:
         for lang in self.langs:
             if lang not in ("en", "zh", "zh-Hant"):
                 problems.append(f"langs: unknown language {lang!r}")
+        for name in ("heal_prompts", "heal_answer_tokens", "heal_steps", "heal_batch_size", "heal_rank", "heal_top_k"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: at least 1")
+        if not self.heal_learning_rate > 0:
+            problems.append("heal_learning_rate: greater than 0")
+        if self.heal_first_token_weight < 0:
+            problems.append("heal_first_token_weight: at least 0")
+        if not self.heal_target_modules:
+            problems.append("heal_target_modules: at least one module name, or [all-linear]")
         if self.check_split not in ("train", "eval"):
             problems.append("check_split: train or eval")
         if problems:

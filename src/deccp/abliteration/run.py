@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deccp import DeccpError, __version__
 from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.directions import ActivationCache, compute_directions, mean_set
 from deccp.abliteration.edits import Kernel, LiveEdit, check_architecture
+from deccp.abliteration.healing import HealResult, heal
 from deccp.abliteration.plan import EditParams, build_plan
 from deccp.abliteration.scoring import Measurement, PromptSets, Scorer, short_answers
 from deccp.abliteration.search import candidate_layers, layer_sweep, optuna_search
@@ -21,7 +23,7 @@ from deccp.abliteration.streaming import stream_edit
 from deccp.data.load import load_prompts
 from deccp.data.schema import Prompt
 from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside
-from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, resolve_model
+from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, release_memory, resolve_model
 
 logger = logging.getLogger(__name__)
 RECORD = "abliteration.json"
@@ -199,12 +201,26 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
         f"targeted {params.targeted} (coef {params.targeted_coef:.2f}), {len(plan.edits)} matrices")
 
     check: dict = {}
-    if check_sets is not None:
-        check = before_after(model, tok, plan, check_sets, cfg)
-        t = lap("check", t)
+    baseline = check_baseline(model, tok, check_sets, cfg) if check_sets is not None else None
+    baseline_s = time.time() - t
+    healed: HealResult | None = None
+    with contextlib.ExitStack() as edited:  # while open, the model is the edited (and healed) one
+        t = time.time()
+        if cfg.heal:
+            healed = heal(model, tok, plan, edited, {"harmless": good, "harmful": harmful, "sensitive": bad}, cfg, log)
+            t = lap("healing", t)
+        else:
+            edited.enter_context(LiveEdit(model, plan))
+        if baseline is not None:
+            check = check_after(model, tok, baseline, cfg)
+            t = lap("check", t)
+            timings["check"] = round(timings["check"] + baseline_s, 2)
+    unedited = scorer.base.to_dict()
+    del model, scorer, baseline  # the edit streams from the source shards: free the in-memory copy first
+    release_memory()
 
     with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
-        info = stream_edit(src, tmp, plan)
+        info = stream_edit(src, tmp, plan, healed.deltas if healed else None)
         from safetensors.torch import save_file
 
         save_file(dirs.tensors(), str(tmp / "directions.safetensors"),
@@ -224,7 +240,8 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
                                           ("harmful", cfg.harmful_prompts, harmful))},
             "held_back": {"sensitive": len(bad_held), "harmless": len(good_held), "harmful": len(harmful_held)},
             "layer_separation": [round(x, 4) for x in dirs.separation()],
-            "selection": {"unedited": scorer.base.to_dict(), **search_info},
+            "selection": {"unedited": unedited, **search_info},
+            "healing": healed.summary() if healed else None,
             "check": check,
             "stream": info,
             "timings_s": timings,
@@ -237,23 +254,40 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     return record
 
 
-def before_after(model, tok, plan, sets: PromptSets, cfg: AbliterationConfig) -> dict:
-    """Refusal and KL of the unedited and the edited model on the check split, and a few example answers."""
+@dataclass
+class CheckBaseline:
+    """The unedited model's numbers and example answers on the check split."""
+
+    scorer: Scorer
+    sets: PromptSets
+    examples: list[Prompt]
+    answers: list[str]
+
+
+def check_baseline(model, tok, sets: PromptSets, cfg: AbliterationConfig) -> CheckBaseline:
     scorer = Scorer(model, tok, sets, max_new_tokens=cfg.check_max_new_tokens, batch_size=cfg.batch_size,
                     system=cfg.system_prompt)
-    before = scorer.base
-    with LiveEdit(model, plan):
-        after = scorer.measure()
-    examples = []
     picks = _example_prompts(sets.sensitive, cfg.examples)
-    if picks:
-        texts = [p.text for p in picks]
-        kw = dict(max_new_tokens=cfg.example_max_new_tokens, batch_size=cfg.batch_size, system=cfg.system_prompt)
-        b, _ = short_answers(model, tok, texts, **kw)
-        with LiveEdit(model, plan):
-            a, _ = short_answers(model, tok, texts, **kw)
-        examples = [{"prompt": p.text, "lang": p.lang, "before": x, "after": y} for p, x, y in zip(picks, b, a, strict=True)]
-    return {"split": cfg.check_split, "before": _with_ci(before), "after": _with_ci(after), "examples": examples}
+    answers = _example_answers(model, tok, picks, cfg)
+    return CheckBaseline(scorer, sets, picks, answers)
+
+
+def check_after(model, tok, baseline: CheckBaseline, cfg: AbliterationConfig) -> dict:
+    """Refusal and KL of the model as it is now (edited) against the baseline, and the example answers."""
+    after = baseline.scorer.measure()
+    answers = _example_answers(model, tok, baseline.examples, cfg)
+    examples = [{"prompt": p.text, "lang": p.lang, "before": x, "after": y}
+                for p, x, y in zip(baseline.examples, baseline.answers, answers, strict=True)]
+    return {"split": cfg.check_split, "before": _with_ci(baseline.scorer.base), "after": _with_ci(after),
+            "examples": examples}
+
+
+def _example_answers(model, tok, picks: list[Prompt], cfg: AbliterationConfig) -> list[str]:
+    if not picks:
+        return []
+    texts, _ = short_answers(model, tok, [p.text for p in picks], max_new_tokens=cfg.example_max_new_tokens,
+                             batch_size=cfg.batch_size, system=cfg.system_prompt)
+    return texts
 
 
 def _example_prompts(prompts: list[Prompt], n: int) -> list[Prompt]:
@@ -292,6 +326,10 @@ def format_summary(record: dict) -> str:
             lines.append(f"\n  Q [{ex['lang']}]: {ex['prompt']}")
             lines.append(f"    before: {_short(ex['before'])}")
             lines.append(f"    after:  {_short(ex['after'])}")
+    if record.get("healing"):
+        h = record["healing"]
+        lines.append(f"\n  healing: {h['steps']} LoRA steps on {h['examples']}, KL to the teachers "
+                     f"{h['loss_start']:.4f} → {h['loss_end']:.4f}")
     lines.append("")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in record["timings_s"].items()))
     return "\n".join(lines)

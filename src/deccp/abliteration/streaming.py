@@ -30,15 +30,18 @@ def weight_shards(model_dir: Path) -> tuple[list[Path], dict | None]:
     raise DeccpError(f"{model_dir}: no model.safetensors or {INDEX}")
 
 
-def stream_edit(src: str | Path, dst_tmp: str | Path, plan: EditPlan) -> dict:
-    """Write the edited model into `dst_tmp` (an empty directory that the caller renames when done)."""
+def stream_edit(src: str | Path, dst_tmp: str | Path, plan: EditPlan, deltas: list | None = None) -> dict:
+    """Write the edited model into `dst_tmp` (an empty directory that the caller renames when done).
+
+    `deltas` (healing's `LowRankDelta`s) are added to their weights after the plan's edit."""
     src, dst = Path(src), Path(dst_tmp)
     shards, index = weight_shards(src)
     pending = plan.by_name()
+    extra = {d.name: d for d in deltas or []}
     embed_key = next((k for k in pending if k.endswith("embed_tokens.weight")), None)
     weight_map = dict(index["weight_map"]) if index else {}
     has_head = any(k == "lm_head.weight" for k in weight_map) if index else None
-    edited = 0
+    edited = healed = 0
     for shard in shards:
         tensors = {}
         with safe_open(str(shard), framework="pt") as f:
@@ -54,11 +57,14 @@ def stream_edit(src: str | Path, dst_tmp: str | Path, plan: EditPlan) -> dict:
                         weight_map["lm_head.weight"] = shard.name
                     t = edit_weight(t, pending.pop(key), is_embedding=key.endswith("embed_tokens.weight"))
                     edited += 1
+                if key in extra:
+                    t = (t.float() + extra.pop(key).dense()).to(t.dtype)
+                    healed += 1
                 tensors[key] = t.contiguous()
         save_file(tensors, str(dst / shard.name), metadata=metadata)
         del tensors
-    if pending:
-        raise DeccpError(f"abliteration: parameters not found in {src}: {sorted(pending)[:3]}")
+    if pending or extra:
+        raise DeccpError(f"abliteration: parameters not found in {src}: {sorted([*pending, *extra])[:3]}")
     for item in src.iterdir():
         if item.name in _SKIP or item.suffix == ".safetensors" or item.name.startswith("."):
             continue
@@ -74,4 +80,4 @@ def stream_edit(src: str | Path, dst_tmp: str | Path, plan: EditPlan) -> dict:
         if isinstance(cfg.get("text_config"), dict):
             cfg["text_config"]["tie_word_embeddings"] = False
         cfg_path.write_text(json.dumps(cfg, indent=2))
-    return {"shards": len(shards), "edited_tensors": edited}
+    return {"shards": len(shards), "edited_tensors": edited, "healed_tensors": healed}

@@ -1,0 +1,326 @@
+"""Heal an abliterated model: a short low-rank distillation that undoes the edit's collateral damage.
+
+Orthogonalising a direction out of every layer also moves answers that should not change (first-token KL
+on harmless prompts). Healing trains a LoRA-style low-rank correction on top of the live edit, with one teacher per prompt
+kind, so that it cannot simply learn the removed refusals back:
+
+- harmless prompts the original answered -> the original model (undo the collateral damage);
+- harmful prompts the original refused -> the original model (keep refusing genuinely harmful requests;
+  `heal_harmful`);
+- sensitive prompts, and harmless prompts the original refused -> the edited model itself, before healing
+  (keep those refusals removed).
+
+Targets are each teacher's top-k next-token log-probabilities, plus the rest of the mass in one bucket, along
+the teacher's own greedy answer prefix. They are computed once before training, so one copy of the model
+is held. The result is a set of low-rank deltas that the streamed edit adds to the edited weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from deccp import DeccpError
+from deccp.chat import render_prompt
+from deccp.data.schema import Prompt
+
+
+@dataclass
+class HealExample:
+    """One prompt + teacher answer prefix and the teacher's top-k log-probabilities at each answer position."""
+
+    kind: str
+    input_ids: list[int]
+    n_prompt: int
+    top_idx: torch.Tensor  # (n_answer, k) int64
+    top_logp: torch.Tensor  # (n_answer, k) float32
+    rest_logp: torch.Tensor  # (n_answer,) float32: log of the probability mass outside the top k
+
+
+@dataclass
+class LowRankDelta:
+    """W += scaling * B @ A for the parameter `name` (original, un-wrapped naming)."""
+
+    name: str
+    A: torch.Tensor  # (r, in) float32
+    B: torch.Tensor  # (out, r) float32
+    scaling: float
+
+    def dense(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.scaling * (self.B.double() @ self.A.double())).to(dtype)
+
+
+def _log_rest(top_logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(top_logp))) along the last axis, kept finite."""
+    total = torch.logsumexp(top_logp, dim=-1).clamp(max=-1e-6)
+    return torch.log(-torch.expm1(total))
+
+
+def _sequences(tokenizer, items: list[tuple[Prompt, str]], system: str | None) -> list[tuple[list[int], int]]:
+    out = []
+    for p, answer in items:
+        pid = tokenizer(render_prompt(tokenizer, p.text, system), add_special_tokens=False)["input_ids"]
+        aid = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if aid:
+            out.append((pid + aid, len(pid)))
+    return out
+
+
+def _batch(seqs: list[tuple[list[int], int]], pad_id: int, device):
+    """Left-padded ids, attention mask, the number of last positions whose logits are needed, and the mask of
+    those positions that predict an answer token (answers end at the right edge, so the last few suffice)."""
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    pred = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (s, n_prompt) in enumerate(seqs):
+        off = width - len(s)
+        ids[i, off:] = torch.tensor(s)
+        att[i, off:] = 1
+        pred[i, off + n_prompt - 1:width - 1] = True  # position t predicts token t+1: the answer's tokens
+    keep = max(len(s) - n_prompt for s, n_prompt in seqs) + 1
+    return ids.to(device), att.to(device), keep, pred[:, -keep:].to(device)
+
+
+@torch.no_grad()
+def teacher_targets(model, tokenizer, kind: str, items: list[tuple[Prompt, str]], *, top_k: int, batch_size: int,
+                    system: str | None = None) -> list[HealExample]:
+    """Run the model as it is now (the caller sets the teacher: original, or with the edit live) over each
+    prompt + answer prefix and keep its top-k next-token log-probabilities at the answer positions."""
+    device = next(model.parameters()).device
+    seqs = _sequences(tokenizer, items, system)
+    out: list[HealExample] = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        ids, att, keep, pred = _batch(chunk, tokenizer.pad_token_id, device)
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
+        for i, (s, n_prompt) in enumerate(chunk):
+            rows = logits[i][pred[i]].float().log_softmax(-1)  # answer positions only: bounded memory
+            val, idx = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
+            out.append(HealExample(kind, s, n_prompt, idx.cpu(), val.cpu(), _log_rest(val).cpu()))
+    return out
+
+
+def coarse_kl(student_logp: torch.Tensor, ex_idx: torch.Tensor, ex_logp: torch.Tensor, ex_rest: torch.Tensor):
+    """KL(teacher || student) over the teacher's top-k tokens plus one bucket for the rest, per position."""
+    s_top = student_logp.gather(-1, ex_idx)
+    s_rest = _log_rest(s_top)
+    t_p = ex_logp.exp()
+    return (t_p * (ex_logp - s_top)).sum(-1) + ex_rest.exp() * (ex_rest - s_rest)
+
+
+@dataclass
+class HealResult:
+    deltas: list[LowRankDelta]
+    examples: dict[str, int]
+    losses: list[float]
+    seconds: float
+
+    def summary(self) -> dict:
+        first = self.losses[:max(1, len(self.losses) // 10)]
+        last = self.losses[-max(1, len(self.losses) // 10):]
+        return {"examples": self.examples, "steps": len(self.losses), "modules": len(self.deltas),
+                "loss_start": round(sum(first) / len(first), 5), "loss_end": round(sum(last) / len(last), 5),
+                "seconds": round(self.seconds, 2)}
+
+
+class LowRankAdapters:
+    """Trainable low-rank corrections  y = W x + (alpha / rank) B A x  on linear modules, through forward hooks.
+
+    No module is replaced, so a live edit's hooks on the same modules keep working: the correction reads the
+    module's raw input (a pre-hook placed first) and is added after the edit's output hook, which makes the
+    function `edit(W) + s B A`, the weight the streamed edit writes. Leaving the context removes every hook."""
+
+    def __init__(self, model, *, rank: int, alpha: float, target_modules: list[str], seed: int = 0):
+        self.model, self.rank, self.scaling = model, rank, alpha / rank
+        self.targets = self._select(model, target_modules)
+        gen = torch.Generator().manual_seed(seed)
+        self.A: dict[str, torch.nn.Parameter] = {}
+        self.B: dict[str, torch.nn.Parameter] = {}
+        for name, mod in self.targets.items():
+            device = mod.weight.device
+            bound = 1 / math.sqrt(mod.in_features)  # LoRA's start: A uniform, B zero, so the correction starts at 0
+            a = (torch.rand(rank, mod.in_features, generator=gen) * 2 - 1) * bound
+            self.A[name] = torch.nn.Parameter(a.to(device))
+            self.B[name] = torch.nn.Parameter(torch.zeros(mod.out_features, rank, device=device))
+        self.handles: list = []
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._dtype: torch.dtype | None = None  # None: float32 (training); else the cast used for inference
+
+    @staticmethod
+    def _select(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+        head = model.get_output_embeddings()
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+        if target_modules == ["all-linear"]:
+            chosen = linears
+        else:
+            chosen = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in target_modules}
+        if not chosen:
+            raise DeccpError(f"abliteration healing: no linear module matches heal_target_modules {target_modules}")
+        return chosen
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.A.values(), *self.B.values()]
+
+    def for_inference(self, dtype: torch.dtype) -> None:
+        """Stop training: the corrections run in the model's dtype."""
+        self._dtype = dtype
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def deltas(self) -> list[LowRankDelta]:
+        return [LowRankDelta(f"{n}.weight", self.A[n].detach().float().cpu().clone(),
+                             self.B[n].detach().float().cpu().clone(), self.scaling) for n in self.targets]
+
+    def __enter__(self):
+        for name, mod in self.targets.items():
+            self.handles.append(mod.register_forward_pre_hook(self._keep_input(name), prepend=True))
+            self.handles.append(mod.register_forward_hook(self._add_correction(name)))
+        return self
+
+    def _keep_input(self, name: str):
+        def hook(module, args):
+            self._inputs[name] = args[0]
+        return hook
+
+    def _add_correction(self, name: str):
+        def hook(module, args, out):
+            x = self._inputs.pop(name)
+            A, B = self.A[name], self.B[name]
+            if self._dtype is not None:
+                A, B = A.to(self._dtype), B.to(self._dtype)
+            delta = (x.to(A.dtype) @ A.T) @ B.T
+            return out + (self.scaling * delta).to(out.dtype)
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._inputs.clear()
+        return False
+
+
+def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, steps: int, lr: float, batch_size: int, seed: int,
+          pad_id: int, first_token_weight: float = 1.0, log=print) -> list[float]:
+    """Minimise the coarse KL to each example's teacher over the answer positions; returns the step losses.
+
+    Each example counts equally (its positions are averaged); the first answer position, where the model
+    chooses between answering, refusing or switching language, weighs `first_token_weight` times the others."""
+    if not examples:
+        raise DeccpError("abliteration healing: no examples (no harmless prompt answered, no sensitive prompt?)")
+    device = next(model.parameters()).device
+    params = adapters.parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t0 = time.time()
+    for step in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        chosen = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        ids, att, keep, pred = _batch([(e.input_ids, e.n_prompt) for e in chosen], pad_id, device)
+        # all positions: backward through a sliced (logits_to_keep) bf16 output is several times slower on CPU
+        logits = model(input_ids=ids, attention_mask=att).logits[:, -keep:]
+        total = 0.0
+        for i, e in enumerate(chosen):
+            s = logits[i][pred[i]].float().log_softmax(-1)
+            kl = coarse_kl(s, e.top_idx.to(device), e.top_logp.to(device), e.rest_logp.to(device))
+            w = torch.ones_like(kl)
+            w[0] = first_token_weight
+            total = total + (kl * w).sum() / w.sum()
+        loss = total / len(chosen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step == 0 or (step + 1) % 10 == 0 or step == steps - 1:
+            log(f"  healing step {step + 1}/{steps}: KL to the teachers {losses[-1]:.4f} ({time.time() - t0:.0f} s)")
+    for n, p in model.named_parameters():
+        p.requires_grad_(frozen[n])
+    return losses
+
+
+
+
+def _balanced(prompts: list[Prompt], n: int) -> list[Prompt]:
+    """Up to `n` prompts, alternating languages in their given order."""
+    by_lang: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_lang.setdefault(p.lang, []).append(p)
+    out: list[Prompt] = []
+    while len(out) < n and any(by_lang.values()):
+        for lang in list(by_lang):
+            if by_lang[lang] and len(out) < n:
+                out.append(by_lang[lang].pop(0))
+    return out
+
+
+def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
+         log=print) -> HealResult:
+    """Targets from the original (harmless answered, harmful refused) and from the live edit (sensitive, harmless
+    refused), then LoRA training on top of the edit. Enters the edit and the adapters into `stack`: until it closes, the model
+    is the healed one (the caller measures it there); closing it restores the original exactly."""
+    from deccp.abliteration.edits import LiveEdit
+    from deccp.abliteration.scoring import short_answers
+    from deccp.judges.refusal import is_refusal
+    from deccp.models import release_memory
+
+    t0 = time.time()
+    kw = dict(top_k=cfg.heal_top_k, batch_size=cfg.batch_size, system=cfg.system_prompt)
+
+    def answers(ps: list[Prompt]) -> list[str]:
+        texts, _ = short_answers(model, tokenizer, [p.text for p in ps], max_new_tokens=cfg.heal_answer_tokens,
+                                 batch_size=cfg.batch_size, system=cfg.system_prompt)
+        return texts
+
+    examples: list[HealExample] = []
+    counts: dict[str, int] = {}
+    harmless = _balanced(prompts.get("harmless", []), cfg.heal_prompts)
+    harmless_answers = answers(harmless)
+    refused = [(p, is_refusal(t, p.lang)) for p, t in zip(harmless, harmless_answers, strict=True)]
+    kept = [(p, t) for (p, r), t in zip(refused, harmless_answers, strict=True) if not r]
+    examples += teacher_targets(model, tokenizer, "harmless", kept, **kw)
+    counts["harmless"] = len(kept)
+    if cfg.heal_harmful:
+        ps = _balanced(prompts.get("harmful", []), cfg.heal_prompts)
+        kept = [(p, t) for p, t in zip(ps, answers(ps), strict=True) if is_refusal(t, p.lang)]
+        examples += teacher_targets(model, tokenizer, "harmful", kept, **kw)
+        counts["harmful"] = len(kept)
+    stack.enter_context(LiveEdit(model, plan))
+    # the edit's own behaviour is the target where the original refused wrongly: sensitive prompts, and
+    # harmless prompts it refused (other countries' politics and history)
+    ps = _balanced(prompts.get("sensitive", []), cfg.heal_prompts) + [p for p, r in refused if r]
+    examples += teacher_targets(model, tokenizer, "edited", list(zip(ps, answers(ps), strict=True)), **kw)
+    counts["sensitive"] = len(ps) - sum(r for _, r in refused)
+    counts["harmless_refused"] = sum(r for _, r in refused)
+    log(f"healing: {counts['harmless']} answered harmless" + (f" and {counts['harmful']} refused harmful"
+        if cfg.heal_harmful else "") + " prompts follow the original; "
+        f"{counts['sensitive']} sensitive and {counts['harmless_refused']} refused harmless prompts follow the edit")
+    adapters = stack.enter_context(LowRankAdapters(model, rank=cfg.heal_rank, alpha=cfg.heal_alpha,
+                                                   target_modules=cfg.heal_target_modules, seed=cfg.seed))
+    losses = train(model, adapters, examples, steps=cfg.heal_steps, lr=cfg.heal_learning_rate,
+                   batch_size=cfg.heal_batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
+                   first_token_weight=cfg.heal_first_token_weight, log=log)
+    adapters.for_inference(next(model.parameters()).dtype)
+    release_memory()  # training's buffers: keep them out of the later peaks
+    return HealResult(adapters.deltas(), counts, losses, time.time() - t0)
+
+
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal",
+           "teacher_targets", "train"]
