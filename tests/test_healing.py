@@ -122,3 +122,6 @@ def test_adapters_choose_modules_by_name_and_start_as_the_identity(tiny_model_di
         assert "lm_head" not in all_linear.targets and len(all_linear.targets) > len(ad.targets)
     with pytest.raises(DeccpError, match="no linear module matches"):
         LowRankAdapters(model, rank=2, alpha=4, target_modules=["not_a_module"])
+    model.model.layers[0].mlp.down_proj.to("meta")  # what an offloading device_map leaves behind
+    with pytest.raises(DeccpError, match="needs the model in memory"):
+        LowRankAdapters(model, rank=2, alpha=4, target_modules=["down_proj"])

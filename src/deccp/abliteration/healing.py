@@ -1,8 +1,8 @@
 """Heal an abliterated model: a short low-rank distillation that undoes the edit's collateral damage.
 
 Orthogonalising a direction out of every layer also moves answers that should not change (first-token KL
-on harmless prompts). Healing trains a LoRA-style low-rank correction on top of the live edit, with one teacher per prompt
-kind, so that it cannot simply learn the removed refusals back:
+on harmless prompts). Healing trains a LoRA-style low-rank correction on top of the live edit, with one
+teacher per prompt kind, so that it cannot simply learn the removed refusals back:
 
 - harmless prompts the original answered -> the original model (undo the collateral damage);
 - harmful prompts the original refused -> the original model (keep refusing genuinely harmful requests;
@@ -142,6 +142,10 @@ class LowRankAdapters:
         gen = torch.Generator().manual_seed(seed)
         self.A: dict[str, torch.nn.Parameter] = {}
         self.B: dict[str, torch.nn.Parameter] = {}
+        offloaded = [n for n, m in self.targets.items() if m.weight.device.type == "meta"]
+        if offloaded:
+            raise DeccpError(f"abliteration healing needs the model in memory; {offloaded[0]} is offloaded "
+                             "(drop device_map, or set heal: false)")
         for name, mod in self.targets.items():
             device = mod.weight.device
             bound = 1 / math.sqrt(mod.in_features)  # LoRA's start: A uniform, B zero, so the correction starts at 0
