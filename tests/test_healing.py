@@ -11,7 +11,8 @@ import torch
 from deccp import DeccpError
 from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.edits import EditPlan, ModuleEdit
-from deccp.abliteration.healing import _balanced, coarse_kl, heal
+from deccp.abliteration.healing import _balanced, coarse_kl, heal, plain_texts, text_targets
+from deccp.data.load import load_bundle
 from deccp.abliteration.run import run
 from deccp.abliteration.streaming import stream_edit
 from deccp.data.load import load_prompts
@@ -91,17 +92,46 @@ def test_run_with_healing_records_it(tiny_model_dir, tmp_path):
                              batch_size=8, num_candidates=2, score_max_new_tokens=4, check_prompts=4,
                              check_max_new_tokens=4, examples=1, example_max_new_tokens=4, answer_tokens=4,
                              cache_dir=str(tmp_path / "acts"), heal=True, heal_prompts=4, heal_answer_tokens=4,
-                             heal_steps=3, heal_batch_size=4, heal_rank=2, heal_top_k=8)
+                             heal_steps=3, heal_batch_size=4, heal_rank=2, heal_top_k=8, heal_texts=4,
+                             heal_text_tokens=8, check_capability=True, check_capability_limit=2)
     lines: list[str] = []
     record = run(cfg, log=lines.append)
     saved = json.loads((out / "abliteration.json").read_text())
     assert saved["healing"]["steps"] == 3 and saved["healing"]["modules"] > 0
+    assert saved["healing"]["examples"]["text"] == 4
+    cap = saved["check"]["capability"]
+    assert {"deccp_mc_en", "deccp_mc_zh"} <= set(cap) and all(0 <= c["after"] <= 100 for c in cap.values())
+    assert any("capability deccp_mc_en" in line for line in lines)
     assert "healing" in saved["timings_s"] and saved["stream"]["healed_tensors"] == saved["healing"]["modules"]
     assert record["check"]["after"]["refusal"]
     assert any("healing:" in line for line in lines)
 
 
-@pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", [])])
+def test_plain_texts_are_train_gold_answers_balanced_over_languages():
+    texts = plain_texts(["en", "zh"], 6, seed=3)
+    gold = {a.gold: a for a in load_bundle().answers}
+    assert len(texts) == 6 and all(t in gold for t in texts)
+    assert all(gold[t].split == "train" and gold[t].kind == "sensitive" for t in texts)  # never the eval split
+    assert sorted(gold[t].lang for t in texts) == ["en"] * 3 + ["zh"] * 3
+    assert plain_texts(["en", "zh"], 6, seed=3) == texts and plain_texts(["en", "zh"], 6, seed=4) != texts
+
+
+def test_text_targets_are_the_model_distribution_at_every_position(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    texts = ["The Great Wall was built over many centuries.", "长城修建了许多个世纪，用于防御北方。"]
+    examples = text_targets(model, tok, texts, max_tokens=7, top_k=5, batch_size=2)
+    assert [e.kind for e in examples] == ["text", "text"]
+    for text, e in zip(texts, examples, strict=True):
+        ids = tok(text, add_special_tokens=False)["input_ids"][:7]
+        assert e.input_ids == ids and e.n_prompt == 1 and e.top_idx.shape == (len(ids) - 1, 5)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        val, idx = logp.topk(5, dim=-1)
+        assert torch.equal(e.top_idx, idx) and torch.allclose(e.top_logp, val, atol=1e-4)  # padding changed nothing
+
+
+@pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
+                                         ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0)])
 def test_bad_healing_settings_are_rejected(field, value):
     with pytest.raises(DeccpError, match=field):
         AbliterationConfig(**{field: value})

@@ -71,6 +71,10 @@ class AbliterationConfig:
     heal_first_token_weight: float = field(default=4.0, metadata={
         "help": "weight of the first answer token (answer, refuse or switch language) against the later ones"})
     heal_top_k: int = field(default=64, metadata={"help": "teacher tokens kept per position (the rest is one bucket)"})
+    heal_texts: int = field(default=0, metadata={
+        "help": "plain texts (our train-split gold answers, no chat template) on which the original's next-token "
+                "distribution is distilled at every position, for general capability; 0: none"})
+    heal_text_tokens: int = field(default=64, metadata={"help": "tokens per plain text"})
 
     # scoring, search
     score_max_new_tokens: int = field(default=12, metadata={"help": "answer prefix judged when scoring candidates"})
@@ -86,6 +90,9 @@ class AbliterationConfig:
     check_split: str = "eval"
     check_prompts: int = field(default=32, metadata={"help": "per set and language"})
     check_max_new_tokens: int = 24
+    check_capability: bool = field(default=False, metadata={
+        "help": "also run the lm-eval capability probe (deccp_capability) before and after; about a minute each"})
+    check_capability_limit: int | None = field(default=None, metadata={"help": "items per capability task"})
     examples: int = 3
     example_max_new_tokens: int = 96
     max_shard_size: str = "2GB"
@@ -107,9 +114,14 @@ class AbliterationConfig:
         for lang in self.langs:
             if lang not in ("en", "zh", "zh-Hant"):
                 problems.append(f"langs: unknown language {lang!r}")
-        for name in ("heal_prompts", "heal_answer_tokens", "heal_steps", "heal_batch_size", "heal_rank", "heal_top_k"):
+        for name in ("heal_prompts", "heal_answer_tokens", "heal_steps", "heal_batch_size", "heal_rank", "heal_top_k",
+                     "heal_text_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: at least 1")
+        if self.heal_texts < 0:
+            problems.append("heal_texts: at least 0")
+        if self.check_capability_limit is not None and self.check_capability_limit < 1:
+            problems.append("check_capability_limit: at least 1, or null for every item")
         if not self.heal_learning_rate > 0:
             problems.append("heal_learning_rate: greater than 0")
         if self.heal_first_token_weight < 0:

@@ -8,7 +8,9 @@ teacher per prompt kind, so that it cannot simply learn the removed refusals bac
 - harmful prompts the original refused -> the original model (keep refusing genuinely harmful requests;
   `heal_harmful`);
 - sensitive prompts, and harmless prompts the original refused -> the edited model itself, before healing
-  (keep those refusals removed).
+  (keep those refusals removed);
+- optionally plain texts (our train-split gold answers, no chat template) -> the original, at every position
+  (`heal_texts`): general language modelling, which the edit also perturbs and capability probes measure.
 
 Targets are each teacher's top-k next-token log-probabilities, plus the rest of the mass in one bucket, along
 the teacher's own greedy answer prefix. They are computed once before training, so one copy of the model
@@ -88,22 +90,51 @@ def _batch(seqs: list[tuple[list[int], int]], pad_id: int, device):
 
 
 @torch.no_grad()
+def _targets(model, seqs: list[tuple[list[int], int]], kind: str, *, top_k: int, batch_size: int,
+             pad_id: int) -> list[HealExample]:
+    device = next(model.parameters()).device
+    out: list[HealExample] = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        ids, att, keep, pred = _batch(chunk, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
+        for i, (s, n_prompt) in enumerate(chunk):
+            rows = logits[i][pred[i]].float().log_softmax(-1)  # predicted positions only: bounded memory
+            val, idx = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
+            out.append(HealExample(kind, s, n_prompt, idx.cpu(), val.cpu(), _log_rest(val).cpu()))
+    return out
+
+
 def teacher_targets(model, tokenizer, kind: str, items: list[tuple[Prompt, str]], *, top_k: int, batch_size: int,
                     system: str | None = None) -> list[HealExample]:
     """Run the model as it is now (the caller sets the teacher: original, or with the edit live) over each
     prompt + answer prefix and keep its top-k next-token log-probabilities at the answer positions."""
-    device = next(model.parameters()).device
-    seqs = _sequences(tokenizer, items, system)
-    out: list[HealExample] = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
-        ids, att, keep, pred = _batch(chunk, tokenizer.pad_token_id, device)
-        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=keep).logits
-        for i, (s, n_prompt) in enumerate(chunk):
-            rows = logits[i][pred[i]].float().log_softmax(-1)  # answer positions only: bounded memory
-            val, idx = rows.topk(min(top_k, rows.shape[-1]), dim=-1)
-            out.append(HealExample(kind, s, n_prompt, idx.cpu(), val.cpu(), _log_rest(val).cpu()))
-    return out
+    return _targets(model, _sequences(tokenizer, items, system), kind, top_k=top_k, batch_size=batch_size,
+                    pad_id=tokenizer.pad_token_id)
+
+
+def text_targets(model, tokenizer, texts: list[str], *, max_tokens: int, top_k: int,
+                 batch_size: int) -> list[HealExample]:
+    """The model's top-k next-token log-probabilities at every position of plain texts (no chat template):
+    plain language modelling, which the capability probes and continuations rely on (kind `text`)."""
+    seqs = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        if len(ids) >= 2:
+            seqs.append((ids, 1))  # the first token is the context; every later one is predicted
+    return _targets(model, seqs, "text", top_k=top_k, batch_size=batch_size, pad_id=tokenizer.pad_token_id)
+
+
+def plain_texts(langs: list[str], n: int, seed: int = 0) -> list[str]:
+    """Up to `n` gold answers of our train split (sensitive prompts, factual prose), balanced over `langs`;
+    never the eval split."""
+    from deccp.data.load import load_bundle
+
+    golds = [a for a in load_bundle().answers if a.split == "train" and a.kind == "sensitive" and a.lang in langs]
+    rng = random.Random(seed)
+    rng.shuffle(golds)
+    fake = [Prompt(text=a.gold, lang=a.lang) for a in golds]
+    return [p.text for p in _balanced(fake, n)]
 
 
 def coarse_kl(student_logp: torch.Tensor, ex_idx: torch.Tensor, ex_logp: torch.Tensor, ex_rest: torch.Tensor):
@@ -244,7 +275,8 @@ def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, step
             s = logits[i][pred[i]].float().log_softmax(-1)
             kl = coarse_kl(s, e.top_idx.to(device), e.top_logp.to(device), e.rest_logp.to(device))
             w = torch.ones_like(kl)
-            w[0] = first_token_weight
+            if e.kind != "text":  # plain texts have no answer start
+                w[0] = first_token_weight
             total = total + (kl * w).sum() / w.sum()
         loss = total / len(chosen)
         loss.backward()
@@ -306,6 +338,11 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
         kept = [(p, t) for p, t in zip(ps, answers(ps), strict=True) if is_refusal(t, p.lang)]
         examples += teacher_targets(model, tokenizer, "harmful", kept, **kw)
         counts["harmful"] = len(kept)
+    if cfg.heal_texts:
+        texts = plain_texts(list(cfg.langs), cfg.heal_texts, cfg.seed)
+        examples += text_targets(model, tokenizer, texts, max_tokens=cfg.heal_text_tokens, top_k=cfg.heal_top_k,
+                                 batch_size=cfg.batch_size)
+        counts["text"] = len(texts)
     stack.enter_context(LiveEdit(model, plan))
     # the edit's own behaviour is the target where the original refused wrongly: sensitive prompts, and
     # harmless prompts it refused (other countries' politics and history)
@@ -314,7 +351,8 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     counts["sensitive"] = len(ps) - sum(r for _, r in refused)
     counts["harmless_refused"] = sum(r for _, r in refused)
     log(f"healing: {counts['harmless']} answered harmless" + (f" and {counts['harmful']} refused harmful"
-        if cfg.heal_harmful else "") + " prompts follow the original; "
+        if cfg.heal_harmful else "") + " prompts" + (f" and {counts['text']} plain texts" if cfg.heal_texts else "")
+        + " follow the original; "
         f"{counts['sensitive']} sensitive and {counts['harmless_refused']} refused harmless prompts follow the edit")
     adapters = stack.enter_context(LowRankAdapters(model, rank=cfg.heal_rank, alpha=cfg.heal_alpha,
                                                    target_modules=cfg.heal_target_modules, seed=cfg.seed))
@@ -326,5 +364,5 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0)
 
 
-__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal",
-           "teacher_targets", "train"]
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal", "plain_texts",
+           "teacher_targets", "text_targets", "train"]

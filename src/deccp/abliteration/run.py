@@ -262,6 +262,7 @@ class CheckBaseline:
     sets: PromptSets
     examples: list[Prompt]
     answers: list[str]
+    capability: dict | None = None
 
 
 def check_baseline(model, tok, sets: PromptSets, cfg: AbliterationConfig) -> CheckBaseline:
@@ -269,7 +270,15 @@ def check_baseline(model, tok, sets: PromptSets, cfg: AbliterationConfig) -> Che
                     system=cfg.system_prompt)
     picks = _example_prompts(sets.sensitive, cfg.examples)
     answers = _example_answers(model, tok, picks, cfg)
-    return CheckBaseline(scorer, sets, picks, answers)
+    return CheckBaseline(scorer, sets, picks, answers, _capability(model, tok, cfg))
+
+
+def _capability(model, tok, cfg: AbliterationConfig) -> dict | None:
+    if not cfg.check_capability:
+        return None
+    from deccp.capability import run_capability
+
+    return run_capability(model, tok, limit=cfg.check_capability_limit, batch_size=cfg.batch_size, seed=cfg.seed)
 
 
 def check_after(model, tok, baseline: CheckBaseline, cfg: AbliterationConfig) -> dict:
@@ -278,8 +287,13 @@ def check_after(model, tok, baseline: CheckBaseline, cfg: AbliterationConfig) ->
     answers = _example_answers(model, tok, baseline.examples, cfg)
     examples = [{"prompt": p.text, "lang": p.lang, "before": x, "after": y}
                 for p, x, y in zip(baseline.examples, baseline.answers, answers, strict=True)]
-    return {"split": cfg.check_split, "before": _with_ci(baseline.scorer.base), "after": _with_ci(after),
-            "examples": examples}
+    out = {"split": cfg.check_split, "before": _with_ci(baseline.scorer.base), "after": _with_ci(after),
+           "examples": examples}
+    if baseline.capability is not None:
+        from deccp.capability import compare
+
+        out["capability"] = compare(baseline.capability, _capability(model, tok, cfg))
+    return out
 
 
 def _example_answers(model, tok, picks: list[Prompt], cfg: AbliterationConfig) -> list[str]:
@@ -322,6 +336,8 @@ def format_summary(record: dict) -> str:
         answered_text = "n/a (it refused them all)" if answered is None else f"{answered:.4f}"
         lines.append(f"  first-token KL, harmless prompts the original answered  0 → {answered_text}")
         lines.append(f"  first-token KL, all harmless prompts                    0 → {a['kl_first_token']:.4f}")
+        for task, c in (check.get("capability") or {}).items():
+            lines.append(f"  capability {task:<20} {c['before']:6.1f} → {c['after']:6.1f} points ({c['delta']:+.1f})")
         for ex in check.get("examples", []):
             lines.append(f"\n  Q [{ex['lang']}]: {ex['prompt']}")
             lines.append(f"    before: {_short(ex['before'])}")
