@@ -91,7 +91,7 @@ class AbliterationConfig:
     check_prompts: int = field(default=32, metadata={"help": "per set and language"})
     check_max_new_tokens: int = 24
     check_capability: bool = field(default=False, metadata={
-        "help": "also run the lm-eval capability probe (deccp_capability) before and after; about a minute each"})
+        "help": "also run the lm-eval capability probe (deccp_capability) before and after (the default model: ~20 s each)"})
     check_capability_limit: int | None = field(default=None, metadata={"help": "items per capability task"})
     examples: int = 3
     example_max_new_tokens: int = 96
