@@ -12,10 +12,9 @@ from deccp import DeccpError
 from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.edits import EditPlan, ModuleEdit
 from deccp.abliteration.healing import _balanced, coarse_kl, heal, plain_texts, text_targets
-from deccp.data.load import load_bundle
 from deccp.abliteration.run import run
 from deccp.abliteration.streaming import stream_edit
-from deccp.data.load import load_prompts
+from deccp.data.load import load_bundle, load_prompts
 from deccp.models import load_model
 
 
