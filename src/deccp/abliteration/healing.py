@@ -24,12 +24,15 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from deccp import DeccpError
 from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -131,10 +134,8 @@ def plain_texts(langs: list[str], n: int, seed: int = 0) -> list[str]:
     from deccp.data.load import load_bundle
 
     golds = [a for a in load_bundle().answers if a.split == "train" and a.kind == "sensitive" and a.lang in langs]
-    rng = random.Random(seed)
-    rng.shuffle(golds)
-    fake = [Prompt(text=a.gold, lang=a.lang) for a in golds]
-    return [p.text for p in _balanced(fake, n)]
+    random.Random(seed).shuffle(golds)
+    return [a.gold for a in _balanced(golds, n)]
 
 
 def coarse_kl(student_logp: torch.Tensor, ex_idx: torch.Tensor, ex_logp: torch.Tensor, ex_rest: torch.Tensor):
@@ -294,12 +295,12 @@ def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, step
 
 
 
-def _balanced(prompts: list[Prompt], n: int) -> list[Prompt]:
-    """Up to `n` prompts, alternating languages in their given order."""
-    by_lang: dict[str, list[Prompt]] = {}
-    for p in prompts:
+def _balanced(items: list[_T], n: int) -> list[_T]:
+    """Up to `n` items (prompts or answers: anything with a `lang`), alternating languages in their given order."""
+    by_lang: dict[str, list[_T]] = {}
+    for p in items:
         by_lang.setdefault(p.lang, []).append(p)
-    out: list[Prompt] = []
+    out: list[_T] = []
     while len(out) < n and any(by_lang.values()):
         for lang in list(by_lang):
             if by_lang[lang] and len(out) < n:
