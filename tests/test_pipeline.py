@@ -101,7 +101,9 @@ def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
 def test_tiny_pipeline_killed_resumed_and_rerun_after_a_change(tmp_path):
     out = tmp_path / "pipe"
     data = tiny_recipe()
-    data["steps"][3]["args"].update(max_steps=6, save_steps=2)  # kto: long enough to be killed after a checkpoint
+    # kto: long enough after its first checkpoint that the kill lands mid-training even on a fast machine (with
+    # 6 steps the run could finish inside one poll, and the re-run then had nothing to resume)
+    data["steps"][3]["args"].update(max_steps=40, save_steps=2)
     recipe = write_recipe(tmp_path, data)
     cmd = [sys.executable, "-m", "deccp.cli", "run", str(recipe), "--output_dir", str(out)]
     log = open(tmp_path / "first.log", "wb")
@@ -114,9 +116,10 @@ def test_tiny_pipeline_killed_resumed_and_rerun_after_a_change(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, accelerate's child included
             killed_at = time.time()
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     proc.wait()
     assert killed_at, "the run ended or timed out before KTO wrote a checkpoint: " + (tmp_path / "first.log").read_text()[-2000:]
+    assert not (out / "kto" / "run" / "deccp_training.json").exists(), "KTO finished before the kill landed"
     m = _manifest(out)
     assert [m["steps"][s]["status"] for s in ("abliterate", "mine", "sft")] == ["done"] * 3
     assert m["steps"]["kto"]["status"] == "running"
@@ -136,7 +139,7 @@ def test_tiny_pipeline_killed_resumed_and_rerun_after_a_change(tmp_path):
     assert m["steps"]["kto"]["attempts"] == 2
     record = json.loads((out / "kto" / "run" / "deccp_training.json").read_text())
     assert record["resumed_from"] and "checkpoint-" in record["resumed_from"]  # continued, not restarted
-    assert record["global_step"] == 6
+    assert record["global_step"] == 40
 
     pub = out / "publish"
     card = (pub / "README.md").read_text()
