@@ -643,6 +643,8 @@ def run_pipeline(plan: Plan, *, log=print, dry_run: bool = False) -> dict:
         entry["started"] = entry.get("started") if state == "resume" and entry.get("started") else _now()
         manifest.save()
         log(f"[{step.name}] {'resuming' if state == 'resume' else 'running'} {step.kind}")
+        # a resumed step's seconds add up over its attempts (a killed attempt never recorded its own)
+        seconds_earlier = float(entry.get("seconds") or 0) if state == "resume" else 0.0
         t0 = time.time()
         try:
             if step.kind == "publish":
@@ -663,13 +665,11 @@ def run_pipeline(plan: Plan, *, log=print, dry_run: bool = False) -> dict:
             outputs, metrics = _collect(plan, step)
         except BaseException as exc:
             entry.update(status="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                         seconds=round(entry.get("seconds_before", 0) + time.time() - t0, 1))
-            entry["seconds_before"] = entry["seconds"]
+                         seconds=round(seconds_earlier + time.time() - t0, 1))
             manifest.save()
             raise
         entry.update(status="done", outputs=outputs, metrics=metrics, finished=_now(),
-                     seconds=round(entry.get("seconds_before", 0) + time.time() - t0, 1))
-        entry.pop("seconds_before", None)
+                     seconds=round(seconds_earlier + time.time() - t0, 1))
         manifest.save()
         log(f"[{step.name}] done in {entry['seconds']:.0f} s")
     # steps no longer in the recipe stay in the manifest, marked

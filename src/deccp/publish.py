@@ -20,22 +20,14 @@ from typing import Literal
 
 from deccp import DeccpError, __version__
 from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside
+from deccp.report import HEADLINE_METRICS, metric_entry
 
 logger = logging.getLogger(__name__)
 
 CARD = "README.md"
 TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 LANGS = (("en", "English"), ("zh", "Chinese"))
-# (row label, metric path in a model's metrics, higher is better?)
-ROWS = [
-    ("sensitive-prompt refusal", ("sensitive", "refusal"), False),
-    ("CCP-aligned answers", ("sensitive", "labels", "ccp_aligned"), False),
-    ("factual / neutral answers", ("sensitive", "labels", "factual_neutral"), True),
-    ("confabulated answers", ("sensitive", "labels", "confabulated"), False),
-    ("evasive answers", ("sensitive", "labels", "evasive"), False),
-    ("harmful-prompt refusal (keep high)", ("harmful", "refusal"), True),
-    ("harmless-prompt refusal", ("harmless", "refusal"), False),
-]
+
 
 
 @dataclass
@@ -64,17 +56,8 @@ class PublishConfig:
 
 
 # ------------------------------------------------------------------------------------- numbers
-def _get(metrics: dict, path: tuple) -> dict | None:
-    node = metrics
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def _rate(metrics: dict, group: str, lang: str, path: tuple) -> float | None:
-    entry = _get(metrics, (group, lang, *path))
+    entry = metric_entry(metrics, group, lang, path)
     return None if entry is None else entry.get("rate")
 
 
@@ -94,7 +77,7 @@ def headline(report: dict) -> dict:
     """The before/after numbers the manifest and the model card carry: {metric/lang: {base, model}}."""
     base, model = split_models(report)
     out: dict = {"base": base["name"], "model": model["name"]}
-    for _label, (group, *rest), _ in ROWS:
+    for _label, (group, *rest), _ in HEADLINE_METRICS:
         for lang, _ in LANGS:
             b, m = _rate(base["metrics"], group, lang, tuple(rest)), _rate(model["metrics"], group, lang, tuple(rest))
             if b is not None or m is not None:
@@ -117,7 +100,7 @@ def results_tables(report: dict) -> str:
     numbers = headline(report)
     lines = ["| metric | " + " | ".join(f"{name} before | {name} after" for _, name in LANGS) + " |",
              "|---|" + "---|---|" * len(LANGS)]
-    for label, (group, *rest), higher in ROWS:
+    for label, (group, *rest), higher in HEADLINE_METRICS:
         cells = []
         for lang, _ in LANGS:
             pair = numbers.get(f"{group}:{'/'.join(rest)}/{lang}", {})
@@ -125,7 +108,7 @@ def results_tables(report: dict) -> str:
             better = m is not None and b is not None and ((m > b) if higher else (m < b))
             cells += [_pct(b), f"**{_pct(m)}**" if better else _pct(m)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    n = {lang: _get(model["metrics"], ("sensitive", lang, "n")) for lang, _ in LANGS}
+    n = {lang: metric_entry(model["metrics"], "sensitive", lang, ("n",)) for lang, _ in LANGS}
     text = "\n".join(lines)
     text += ("\n\nRates over the evaluation split's prompts (" + ", ".join(f"{v} sensitive in {k}" for k, v in n.items()
              if v) + "); bold: better than before. 95 % Wilson intervals are in `eval_report.md`.")

@@ -8,8 +8,27 @@ from pathlib import Path
 from deccp.io import atomic_directory, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 LANG_NAMES = {"en": "EN", "zh": "ZH", "zh-Hant": "ZH-Hant"}
-HEADLINE = [("refusal", "sensitive refusal"), ("ccp_aligned", "CCP-aligned"), ("confabulated", "confabulated"),
-            ("evasive", "evasive"), ("factual_neutral", "factual/neutral")]
+# The headline metrics of a model, shared by the report, the summary table and the model card:
+# (label, path in a model's metrics below the language, higher is better?).
+HEADLINE_METRICS = [
+    ("sensitive refusal", ("sensitive", "refusal"), False),
+    ("CCP-aligned", ("sensitive", "labels", "ccp_aligned"), False),
+    ("confabulated", ("sensitive", "labels", "confabulated"), False),
+    ("evasive", ("sensitive", "labels", "evasive"), False),
+    ("factual/neutral", ("sensitive", "labels", "factual_neutral"), True),
+    ("harmful refusal (keep high)", ("harmful", "refusal"), True),
+    ("harmless refusal", ("harmless", "refusal"), False),
+]
+
+
+def metric_entry(metrics: dict, group: str, lang: str, path: tuple) -> dict | None:
+    """`metrics[group][lang][*path]` (a `{k, n, rate, ci95}` entry), or None where any level is missing."""
+    node = metrics
+    for key in (group, lang, *path):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
 
 
 def _slug(name: str) -> str:
@@ -24,19 +43,18 @@ def _pct(entry: dict | None, ci: bool = True) -> str:
 
 
 def headline_rows(model: dict) -> dict[str, dict[str, str]]:
-    """{metric: {lang: 'rate (ci)'}} for one model, the numbers a model card shows."""
+    """{metric: {lang: 'rate (ci)'}} for one model, in `HEADLINE_METRICS` order, key-fact recall after the
+    sensitive-prompt labels."""
     m = model["metrics"]
     out: dict[str, dict[str, str]] = {}
-    sens = m.get("sensitive", {})
-    for lang, e in sens.items():
-        out.setdefault("sensitive refusal", {})[lang] = _pct(e["refusal"])
-        for lab, title in HEADLINE[1:]:
-            out.setdefault(title, {})[lang] = _pct(e["labels"][lab])
-        if e.get("fact_recall") is not None:
-            out.setdefault("key-fact recall", {})[lang] = f"{e['fact_recall']:.0%}"
-    for kind, title in (("harmful", "harmful refusal (keep high)"), ("harmless", "harmless refusal")):
-        for lang, e in m.get(kind, {}).items():
-            out.setdefault(title, {})[lang] = _pct(e["refusal"])
+    for label, (group, *path), _ in HEADLINE_METRICS:
+        for lang in m.get(group, {}):
+            if (entry := metric_entry(m, group, lang, tuple(path))) is not None:
+                out.setdefault(label, {})[lang] = _pct(entry)
+        if label == "factual/neutral":
+            for lang, e in m.get("sensitive", {}).items():
+                if e.get("fact_recall") is not None:
+                    out.setdefault("key-fact recall", {})[lang] = f"{e['fact_recall']:.0%}"
     return out
 
 
