@@ -29,7 +29,6 @@ TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 LANGS = (("en", "English"), ("zh", "Chinese"))
 
 
-
 @dataclass
 class PublishConfig:
     """A publish folder from a model directory and its evaluation."""

@@ -21,8 +21,9 @@ HEADLINE_METRICS = [
 ]
 
 
-def metric_entry(metrics: dict, group: str, lang: str, path: tuple) -> dict | None:
-    """`metrics[group][lang][*path]` (a `{k, n, rate, ci95}` entry), or None where any level is missing."""
+def metric_entry(metrics: dict, group: str, lang: str, path: tuple):
+    """`metrics[group][lang][*path]` (a `{k, n, rate, ci95}` entry, or a count such as `n`), or None where any
+    level is missing."""
     node = metrics
     for key in (group, lang, *path):
         if not isinstance(node, dict) or key not in node:
