@@ -20,6 +20,8 @@ HEADLINE_METRICS = [
     ("harmless refusal", ("harmless", "refusal"), False),
 ]
 
+_LAST_SENSITIVE = [label for label, (group, *_), _ in HEADLINE_METRICS if group == "sensitive"][-1]
+
 
 def metric_entry(metrics: dict, group: str, lang: str, path: tuple):
     """`metrics[group][lang][*path]` (a `{k, n, rate, ci95}` entry, or a count such as `n`), or None where any
@@ -52,7 +54,7 @@ def headline_rows(model: dict) -> dict[str, dict[str, str]]:
         for lang in m.get(group, {}):
             if (entry := metric_entry(m, group, lang, tuple(path))) is not None:
                 out.setdefault(label, {})[lang] = _pct(entry)
-        if label == "factual/neutral":
+        if label == _LAST_SENSITIVE:
             for lang, e in m.get("sensitive", {}).items():
                 if e.get("fact_recall") is not None:
                     out.setdefault("key-fact recall", {})[lang] = f"{e['fact_recall']:.0%}"
