@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from deccp import DeccpError
-from deccp.capability import compare, run_capability, task_include_dir, tasks_dir
+from deccp.capability import compare, run_capability, task_include_dir, tasks_dir, tasks_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_DIR = REPO / "eval" / "tasks" / "deccp_capability"
 LEAVES = ("deccp_mc_en", "deccp_mc_zh")
+N_ITEMS = 400  # per language
 
 
 def _load(include_path, names, **kwargs):
@@ -47,7 +48,7 @@ def test_task_yamls_load_from_any_directory(tmp_path, monkeypatch):
     for name, lang, prefix in (("deccp_mc_en", "en", "Question: "), ("deccp_mc_zh", "zh", "问题：")):
         task = loaded["tasks"][name]
         docs = list(task.test_docs())
-        assert len(docs) == 120 == len(rows[lang])
+        assert len(docs) == N_ITEMS == len(rows[lang])
         assert task.OUTPUT_TYPE == "multiple_choice"
         assert {m["metric"] for m in task.config.metric_list} == {"acc", "acc_norm"}
         for doc, row in zip(docs[:5], rows[lang][:5], strict=True):
@@ -58,11 +59,29 @@ def test_task_yamls_load_from_any_directory(tmp_path, monkeypatch):
             assert context.startswith(prefix) and row["question"].strip() in context
 
 
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_items_are_well_formed(lang):
+    import re
+    from collections import Counter
+
+    rows = [json.loads(line) for line in (TASK_DIR / "data" / f"mc_{lang}.jsonl").open(encoding="utf-8")]
+    assert [r["id"] for r in rows] == [f"{lang}-{i:03d}" for i in range(1, len(rows) + 1)]
+    for r in rows:
+        assert set(r) == {"id", "subject", "question", "choices", "answer"}, r["id"]
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4, r["id"]
+        assert all(c and c == c.strip() for c in r["choices"]), r["id"]  # the YAML adds the delimiter
+        assert r["answer"] in (0, 1, 2, 3), r["id"]
+    folded = Counter(re.sub(r"[\W_]+", "", r["question"].lower()) for r in rows)
+    assert [q for q, n in folded.items() if n > 1] == []
+    positions = Counter(r["answer"] for r in rows)  # no position carries the answer more than by chance
+    assert all(abs(positions[i] - len(rows) / 4) <= len(rows) * 0.02 for i in range(4)), positions
+
+
 def test_repo_yamls_work_from_the_repository_root(monkeypatch):
     """`lm_eval --include_path eval/tasks/deccp_capability` from the repository root: data_files are root-relative."""
     monkeypatch.chdir(REPO)
     _, loaded = _load(TASK_DIR, LEAVES)
-    assert [len(list(loaded["tasks"][n].test_docs())) for n in LEAVES] == [120, 120]
+    assert [len(list(loaded["tasks"][n].test_docs())) for n in LEAVES] == [N_ITEMS, N_ITEMS]
 
 
 def test_resolved_copies_differ_only_in_absolute_data_paths(tmp_path):
@@ -110,6 +129,14 @@ def test_run_capability_tiny_model_near_chance(tiny_model, tmp_path, monkeypatch
     group = res["deccp_capability"]["acc"]
     assert group == pytest.approx((res["deccp_mc_en"]["acc"] + res["deccp_mc_zh"]["acc"]) / 2)
     assert not model.training
+    # per-item results, in doc order, that add up to the accuracy; the group's are its leaves' one after another
+    for name in LEAVES:
+        correct = res[name]["items"]["correct"]
+        assert len(correct) == 10 and set(correct) <= {"0", "1"}
+        assert correct.count("1") / 10 == pytest.approx(res[name]["acc"])
+    assert res["deccp_capability"]["items"]["correct"] == "".join(res[n]["items"]["correct"] for n in LEAVES)
+    same = compare(res, res)["deccp_capability"]
+    assert same["paired"] and same["delta"] == 0 and same["delta_stderr"] == 0 and same["gained"] == same["lost"] == 0
 
 
 def test_unknown_task_is_a_clear_error():
@@ -141,15 +168,52 @@ def test_compare_in_points():
     after = {"a": {"acc": 0.425, "acc_stderr": 0.04, "n": 120}, "b": {"acc": 0.45, "acc_stderr": 0.1, "n": 10}}
     out = compare(before, after)
     assert set(out) == {"a", "b"}
-    assert out["a"] == {"before": 50.0, "after": 42.5, "delta": -7.5, "delta_stderr": 5.0, "significant": False}
+    assert out["a"] == {"before": 50.0, "after": 42.5, "delta": -7.5, "delta_stderr": 5.0, "significant": False,
+                        "paired": False}
     assert out["b"]["delta"] == 5.0 and out["b"]["delta_stderr"] is None and out["b"]["significant"] is None
 
 
+def _items(correct: str, digest: str = "d1") -> dict:
+    return {"acc": correct.count("1") / len(correct), "acc_stderr": 0.1, "n": len(correct),
+            "items": {"correct": correct, "digest": digest}}
+
+
+def test_compare_pairs_the_same_items():
+    # before 1100, after 1010: per-item differences 0, -1, +1, 0 -> mean 0, sample variance 2/3, se sqrt(2/3/4)
+    out = compare({"t": _items("1100")}, {"t": _items("1010")})["t"]
+    assert out["paired"] and out["gained"] == 1 and out["lost"] == 1 and out["delta"] == 0
+    assert out["delta_stderr"] == pytest.approx(100 * (2 / 3 / 4) ** 0.5, abs=0.01)
+    # many items, few changed: the paired stderr is far below the independent one (sqrt(2) x 10 points here)
+    before, after = "1" * 50 + "0" * 50, "1" * 45 + "0" * 5 + "0" * 50
+    out = compare({"t": _items(before)}, {"t": _items(after)})["t"]
+    assert out["delta"] == -5.0 and out["lost"] == 5 and out["gained"] == 0
+    assert out["delta_stderr"] == pytest.approx(100 * ((5 * 0.95**2 + 95 * 0.05**2) / 99 / 100) ** 0.5, abs=0.01)
+    assert out["significant"] is True  # 5 lost, none gained: -5 > 2 x 2.19
+    # other items (another digest or length): not paired, the independent stderr instead
+    for other in (_items(after, digest="d2"), _items(after + "1")):
+        out = compare({"t": _items(before)}, {"t": other})["t"]
+        assert not out["paired"] and "gained" not in out
+        assert out["delta_stderr"] == pytest.approx(100 * (0.1**2 * 2) ** 0.5, abs=0.01)
+
+
+def test_tasks_fingerprint_follows_the_items(tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "tasks"
+    shutil.copytree(TASK_DIR, copy)
+    monkeypatch.setenv("DECCP_CAPABILITY_TASKS", str(copy))
+    first = tasks_fingerprint()
+    assert tasks_fingerprint() == first and tasks_fingerprint(["deccp_mc_en"]) != first
+    data = copy / "data" / "mc_en.jsonl"
+    data.write_text(data.read_text(encoding="utf-8").replace("0.25", "0.75", 1), encoding="utf-8")
+    assert tasks_fingerprint() != first
+
+
 # ------------------------------------------------------------------------------------------ real model
-# Items per task for the slow test. The full run (120 + 120 items) of the default model took 398 s on the
-# shared 2-core CPU (en acc 68.3% / acc_norm 64.2%, zh 51.7% / 53.3%, group 60.0%), over the ~4 minute
-# budget; the first 60 items of each task take about half that. DECCP_SLOW_CAPABILITY_LIMIT=none runs
-# all of them.
+# Items per task for the slow test: the first 60 (of the 120 original items that open each file). The run of
+# those 120 + 120 items of the default model took 398 s on the shared 2-core CPU in float32 (en acc 68.3% /
+# acc_norm 64.2%, zh 51.7% / 53.3%, group 60.0%), over the ~4 minute budget; 60 take about half that.
+# DECCP_SLOW_CAPABILITY_LIMIT=none runs all 400 + 400.
 _SLOW_LIMIT_ENV = os.environ.get("DECCP_SLOW_CAPABILITY_LIMIT", "60")
 SLOW_LIMIT = None if _SLOW_LIMIT_ENV.lower() in ("", "none", "0", "full") else int(_SLOW_LIMIT_ENV)
 
@@ -163,7 +227,7 @@ def test_default_model_clearly_above_chance(real_model_dir):
     res = run_capability(model, tok, limit=SLOW_LIMIT, batch_size=8)
     elapsed = time.time() - t0
     print(f"\ndefault model capability, limit={SLOW_LIMIT} ({elapsed:.0f} s):", json.dumps(res, indent=1))
-    n = SLOW_LIMIT or 120
+    n = SLOW_LIMIT or N_ITEMS
     for name in LEAVES:
         assert res[name]["n"] == n
         # chance is 25%; with n = 60 the stderr is ~6.5 points, so 40% is > 2 standard errors above it

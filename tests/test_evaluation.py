@@ -39,6 +39,9 @@ def test_evaluation_report_and_cached_rerun(tiny_model_dir, tmp_path):
     assert "deccp_capability" in json.dumps(model["capability"])
     md = (out / "report.md").read_text()
     assert "Headline, English vs Chinese" in md and "KL divergence" in md and "Example answers" in md
+    # capability is compared with the base item by item (both ran the same 4 + 4 items)
+    assert len(model["capability"]["deccp_capability"]["items"]["correct"]) == 8
+    assert "Change against the base" in md and "items gained" in md
     rows = [json.loads(x) for x in (out / saved["answers"][model["name"]]).read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"sensitive", "harmless", "harmful"}
     # cached re-run: same answers, no generation

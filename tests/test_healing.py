@@ -101,6 +101,8 @@ def test_run_with_healing_records_it(tiny_model_dir, tmp_path):
     cap = saved["check"]["capability"]
     assert {"deccp_mc_en", "deccp_mc_zh"} <= set(cap) and all(0 <= c["after"] <= 100 for c in cap.values())
     assert any("capability deccp_mc_en" in line for line in lines)
+    assert all(c["paired"] and c["gained"] + c["lost"] <= 2 for t, c in cap.items() if t != "deccp_capability")
+    assert any("capability deccp_mc_en" in line and "items gained" in line for line in lines)
     assert "healing" in saved["timings_s"] and saved["stream"]["healed_tensors"] == saved["healing"]["modules"]
     assert record["check"]["after"]["refusal"]
     assert any("healing:" in line for line in lines)

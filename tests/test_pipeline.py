@@ -147,6 +147,7 @@ def test_tiny_pipeline_killed_resumed_and_rerun_after_a_change(tmp_path):
     assert meta["language"] == ["en", "zh"] and meta["license"] == "apache-2.0"
     assert meta["pipeline_tag"] == "text-generation" and "kto" in meta["tags"]
     assert "| sensitive refusal |" in card and "English before" in card and "Chinese after" in card
+    assert "| capability (accuracy) | before | after | change |" in card and "items gained" in card  # paired
     for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "eval_report.json",
                  "deccp_manifest.json"):
         assert (pub / name).is_file(), name

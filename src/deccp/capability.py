@@ -1,7 +1,7 @@
 """General-capability evaluation with lm-evaluation-harness, on a model already loaded in memory.
 
 deccp's own probes live in `eval/tasks/deccp_capability/` (repository root): `deccp_mc_en` and
-`deccp_mc_zh`, 120 original multiple-choice items each, grouped as `deccp_capability`. They need no
+`deccp_mc_zh`, 400 original multiple-choice items each, grouped as `deccp_capability`. They need no
 network. Standard lm-eval tasks (mmlu, cmmlu, ceval-valid, arc_challenge, hellaswag, gsm8k, ...) can be
 added by name through `extra_tasks`; their datasets come from the Hugging Face Hub, so the first run
 needs network access (afterwards the `datasets` cache serves them offline).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import hashlib
 import logging
 import math
 import os
@@ -241,10 +242,48 @@ def _leaf_tasks(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
     return [leaf for child in children for leaf in _leaf_tasks(child, group_subtasks)]
 
 
+def _item_results(samples: dict[str, list[dict]], metric: str) -> dict[str, Any] | None:
+    """One task's logged samples -> {"correct": "0110…" in doc order, "digest": hash of the items}, or None.
+
+    Kept so that two runs on the same items can be compared item by item (`compare`). None when the metric is
+    not 0/1 per item (e.g. a BLEU score) or missing.
+    """
+    rows = sorted(samples, key=lambda r: r.get("doc_id", 0))
+    values = [r.get(metric) for r in rows]
+    if not rows or any(v not in (0, 1, 0.0, 1.0, True, False) for v in values):
+        return None
+    digest = hashlib.sha256("\n".join(str(r.get("doc_hash", r.get("doc_id"))) for r in rows).encode()).hexdigest()
+    return {"correct": "".join("1" if v else "0" for v in values), "digest": digest[:16]}
+
+
+def _join_items(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """A group's items: its leaf tasks' items one after another (None if any leaf has none)."""
+    if not parts or any(p is None for p in parts):
+        return None
+    digest = hashlib.sha256("\n".join(p["digest"] for p in parts).encode()).hexdigest()
+    return {"correct": "".join(p["correct"] for p in parts), "digest": digest[:16]}
+
+
+def tasks_fingerprint(tasks: Sequence[str] = DEFAULT_TASKS) -> str:
+    """A hash of deccp's task folder (configs and item files) plus the task names: a cache key for results.
+
+    Results cached under an older fingerprint are not reused after the items change.
+    """
+    h = hashlib.sha256("\n".join(tasks).encode())
+    for file in sorted(tasks_dir().rglob("*")):
+        if file.is_file() and "__pycache__" not in file.parts:
+            h.update(str(file.relative_to(tasks_dir())).encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _summarize(raw: dict) -> dict[str, dict[str, Any]]:
-    """lm-eval's results -> {task_or_group: {"acc", "acc_stderr", "n", ...}} (acc_norm too where present)."""
+    """lm-eval's results -> {task_or_group: {"acc", "acc_stderr", "n", "items", ...}} (acc_norm too where present).
+
+    `items` holds the per-item 0/1 results of the headline metric (see `_item_results`) when samples were logged.
+    """
     n_samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in raw.get("n-samples", {}).items()}
     group_subtasks = raw.get("group_subtasks", {})
+    samples = raw.get("samples") or {}
     out: dict[str, dict[str, Any]] = {}
     for name, res in raw["results"].items():
         values = {k: v for k, v in res.items() if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -263,6 +302,11 @@ def _summarize(raw: dict) -> dict[str, dict[str, Any]]:
         if "acc_norm,none" in metrics:
             entry["acc_norm"] = float(metrics["acc_norm,none"])
             entry["acc_norm_stderr"] = _as_float(stderrs.get("acc_norm_stderr,none"))
+        if samples:
+            leaves = _leaf_tasks(name, group_subtasks)
+            items = _join_items([_item_results(samples[t], metric) if t in samples else None for t in leaves])
+            if items is not None:
+                entry["items"] = items
         out[name] = entry
     return out
 
@@ -321,7 +365,7 @@ def run_capability(
                 limit=limit,
                 num_fewshot=num_fewshot,
                 batch_size=batch_size,
-                log_samples=False,
+                log_samples=True,  # per-item results, for paired comparisons between models
                 bootstrap_iters=1000,  # mean metrics (acc) use the closed-form stderr; this only enables stderrs
                 random_seed=seed,
                 numpy_random_seed=seed,
@@ -336,12 +380,28 @@ def run_capability(
     return _summarize(raw)
 
 
+def _paired(b: dict[str, Any], a: dict[str, Any]) -> tuple[float, int, int] | None:
+    """(stderr of the paired difference in points, items gained, items lost), when both ran the same items."""
+    bi, ai = b.get("items"), a.get("items")
+    if not bi or not ai or bi.get("digest") != ai.get("digest") or len(bi["correct"]) != len(ai["correct"]):
+        return None
+    n = len(bi["correct"])
+    if n < 2:
+        return None
+    diffs = [int(x) - int(y) for x, y in zip(ai["correct"], bi["correct"], strict=True)]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return 100.0 * math.sqrt(var / n), diffs.count(1), diffs.count(-1)
+
+
 def compare(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per-task change between two `run_capability` results, in percentage points.
 
-    Returns {task: {"before", "after", "delta", "delta_stderr", "significant"}} for tasks in both (points,
-    i.e. accuracy x 100); `delta_stderr` combines both runs' stderrs as if independent (conservative for the
-    same items), and `significant` is |delta| > 2 x delta_stderr.
+    Returns {task: {"before", "after", "delta", "delta_stderr", "significant", "paired", ...}} for tasks in both
+    (points, i.e. accuracy x 100). When both results carry per-item results of the same items, `delta_stderr`
+    is the paired one (the standard error of the mean per-item difference; `paired` true, with `gained` and
+    `lost` items); otherwise it combines both runs' stderrs as if independent, which overstates it for the
+    same items. `significant` is |delta| > 2 x delta_stderr.
     """
     out: dict[str, dict[str, Any]] = {}
     for task, b in before.items():
@@ -349,13 +409,18 @@ def compare(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]])
         if a is None or "acc" not in a or "acc" not in b:
             continue
         delta = 100.0 * (a["acc"] - b["acc"])
-        se_b, se_a = b.get("acc_stderr"), a.get("acc_stderr")
-        se = 100.0 * math.sqrt(se_b**2 + se_a**2) if se_b is not None and se_a is not None else None
+        paired = _paired(b, a)
+        extra: dict[str, Any] = {"paired": paired is not None}
+        if paired is not None:
+            se, extra["gained"], extra["lost"] = paired
+        else:
+            se_b, se_a = b.get("acc_stderr"), a.get("acc_stderr")
+            se = 100.0 * math.sqrt(se_b**2 + se_a**2) if se_b is not None and se_a is not None else None
         out[task] = {
             "before": round(100.0 * b["acc"], 2),
             "after": round(100.0 * a["acc"], 2),
             "delta": round(delta, 2),
             "delta_stderr": None if se is None else round(se, 2),
             "significant": None if se is None else bool(abs(delta) > 2 * se),
-        }
+        } | extra
     return out

@@ -207,11 +207,11 @@ def evaluate_model(spec: str, cfg: EvalConfig, prompts: list[Prompt], *, loaded:
         timings["kl"] = round(time.time() - t, 1)
     capability = None
     if cfg.capability:
-        from deccp.capability import run_capability
+        from deccp.capability import run_capability, tasks_fingerprint
 
         t = time.time()
-        capability = cached_result(
-            root, "capability", [fp, cfg.capability_tasks, cfg.capability_limit],
+        capability = cached_result(  # keyed by the task items too: edited items are evaluated again
+            root, "capability", [fp, cfg.capability_tasks, cfg.capability_limit, tasks_fingerprint(cfg.capability_tasks)],
             lambda: run_capability(model, tok, tasks=tuple(cfg.capability_tasks), limit=cfg.capability_limit,
                                    batch_size=cfg.batch_size))
         timings["capability"] = round(time.time() - t, 1)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 from deccp import DeccpError, __version__
+from deccp.capability import compare
 from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside
-from deccp.report import HEADLINE_METRICS, metric_entry
+from deccp.report import HEADLINE_METRICS, format_change, metric_entry
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +114,13 @@ def results_tables(report: dict) -> str:
              if v) + "); bold: better than before. 95 % Wilson intervals are in `eval_report.md`.")
     caps = sorted(set(base.get("capability") or {}) | set(model.get("capability") or {}))
     if caps:
-        text += "\n\n| capability (accuracy) | before | after |\n|---|---|---|\n" + "\n".join(
+        changes = compare(base.get("capability") or {}, model.get("capability") or {})
+        text += "\n\n| capability (accuracy) | before | after | change |\n|---|---|---|---|\n" + "\n".join(
             f"| {t} | {_pct((base.get('capability') or {}).get(t, {}).get('acc'))} | "
-            f"{_pct((model.get('capability') or {}).get(t, {}).get('acc'))} |" for t in caps)
+            f"{_pct((model.get('capability') or {}).get(t, {}).get('acc'))} | "
+            f"{format_change(changes[t]) if t in changes else '–'} |" for t in caps)
+        if any(c.get("paired") for c in changes.values()):
+            text += ("\n\nChange: points, ± the standard error of the difference, paired over the same items.")
     if model.get("kl"):
         kl = model["kl"]
         text += (f"\n\nKL divergence to the base model on harmless prompts: first token {kl.get('first_token'):.3f}, "

@@ -61,6 +61,30 @@ def headline_rows(model: dict) -> dict[str, dict[str, str]]:
     return out
 
 
+def capability_changes(report: dict) -> dict[str, dict[str, dict]]:
+    """{model name: `deccp.capability.compare(base, model)`} for every evaluated model beside the base.
+
+    Paired (item by item) where both runs logged their items; empty without a base or capability results."""
+    from deccp.capability import compare
+
+    models = report.get("models") or []
+    base = next((m for m in models if m["name"] == report.get("base")), None)
+    if base is None or not base.get("capability"):
+        return {}
+    return {m["name"]: compare(base["capability"], m["capability"])
+            for m in models if m is not base and m.get("capability")}
+
+
+def format_change(c: dict) -> str:
+    """'−3.3 ± 1.9 points (5 items gained, 9 lost)': one `compare` entry, stderr paired where it could be."""
+    text = f"{c['delta']:+.1f}".replace("-", "−") + " points"
+    if c.get("delta_stderr") is not None:
+        text = text.replace(" points", f" ± {c['delta_stderr']:.1f} points")
+    if c.get("paired"):
+        text += f" ({c['gained']} items gained, {c['lost']} lost)"
+    return text
+
+
 def summary_table(report: dict) -> str:
     lines = []
     for model in report["models"]:
@@ -71,9 +95,11 @@ def summary_table(report: dict) -> str:
         if model.get("kl"):
             lines.append(f"  KL to base                   first-token {model['kl']['first_token']:.4f}, "
                          f"per-token {model['kl']['per_token']:.4f}")
+        changes = capability_changes(report).get(model["name"], {})
         for task, r in (model.get("capability") or {}).items():
             if isinstance(r, dict) and "acc" in r:
-                lines.append(f"  capability {task:<17} {r['acc']:.1%}")
+                change = f"  ({format_change(changes[task])} vs base)" if task in changes else ""
+                lines.append(f"  capability {task:<17} {r['acc']:.1%}{change}")
     return "\n".join(lines)
 
 
@@ -105,6 +131,15 @@ def markdown(report: dict, rows_by_model: dict[str, list[dict]], examples_per_to
         md += ["## Capability (lm-eval-harness)", "", "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         md += [f"| {n} | " + " | ".join(f"{c[t]['acc']:.1%}" if t in c else "–" for t in tasks) + " |" for n, c in caps]
         md.append("")
+        changes = capability_changes(report)
+        if changes:
+            md += [f"Change against the base `{report['base']}`, with the standard error of the difference (paired "
+                   "over the same items where both runs logged them; more than 2 standard errors is marked *):", "",
+                   "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+            md += [f"| {n} | " + " | ".join(
+                (format_change(ch[t]) + (" *" if ch[t].get("significant") else "")) if t in ch else "–" for t in tasks)
+                + " |" for n, ch in changes.items()]
+            md.append("")
     md += ["## Sensitive prompts by topic (refusal / CCP-aligned / confabulated / factual)", "",
            "| topic | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     topics = sorted({k for m in models for k in m["metrics"].get("sensitive_topic", {})})

@@ -24,6 +24,7 @@ from deccp.data.load import load_prompts
 from deccp.data.schema import Prompt
 from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside
 from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, release_memory, resolve_model
+from deccp.report import format_change
 
 logger = logging.getLogger(__name__)
 RECORD = "abliteration.json"
@@ -337,7 +338,7 @@ def format_summary(record: dict) -> str:
         lines.append(f"  first-token KL, harmless prompts the original answered  0 → {answered_text}")
         lines.append(f"  first-token KL, all harmless prompts                    0 → {a['kl_first_token']:.4f}")
         for task, c in (check.get("capability") or {}).items():
-            lines.append(f"  capability {task:<20} {c['before']:6.1f} → {c['after']:6.1f} points ({c['delta']:+.1f})")
+            lines.append(f"  capability {task:<20} {c['before']:6.1f} → {c['after']:6.1f} ({format_change(c)})")
         for ex in check.get("examples", []):
             lines.append(f"\n  Q [{ex['lang']}]: {ex['prompt']}")
             lines.append(f"    before: {_short(ex['before'])}")
