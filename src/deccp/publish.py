@@ -90,8 +90,8 @@ def headline(report: dict) -> dict:
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f} %"
+def _pct(x: float | None, decimals: int = 0) -> str:
+    return "–" if x is None else f"{100 * x:.{decimals}f} %"
 
 
 def results_tables(report: dict) -> str:
@@ -116,8 +116,8 @@ def results_tables(report: dict) -> str:
     if caps:
         changes = compare(base.get("capability") or {}, model.get("capability") or {})
         text += "\n\n| capability (accuracy) | before | after | change |\n|---|---|---|---|\n" + "\n".join(
-            f"| {t} | {_pct((base.get('capability') or {}).get(t, {}).get('acc'))} | "
-            f"{_pct((model.get('capability') or {}).get(t, {}).get('acc'))} | "
+            f"| {t} | {_pct((base.get('capability') or {}).get(t, {}).get('acc'), 1)} | "
+            f"{_pct((model.get('capability') or {}).get(t, {}).get('acc'), 1)} | "
             f"{format_change(changes[t]) if t in changes else '–'} |" for t in caps)
         if any(c.get("paired") for c in changes.values()):
             text += ("\n\nChange: points, ± the standard error of the difference, paired over the same items.")
