@@ -87,6 +87,7 @@ def format_change(c: dict) -> str:
 
 def summary_table(report: dict) -> str:
     lines = []
+    all_changes = capability_changes(report)
     for model in report["models"]:
         lines.append(f"\n{model['name']}")
         for metric, by_lang in headline_rows(model).items():
@@ -95,7 +96,7 @@ def summary_table(report: dict) -> str:
         if model.get("kl"):
             lines.append(f"  KL to base                   first-token {model['kl']['first_token']:.4f}, "
                          f"per-token {model['kl']['per_token']:.4f}")
-        changes = capability_changes(report).get(model["name"], {})
+        changes = all_changes.get(model["name"], {})
         for task, r in (model.get("capability") or {}).items():
             if isinstance(r, dict) and "acc" in r:
                 change = f"  ({format_change(changes[task])} vs base)" if task in changes else ""
