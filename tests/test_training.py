@@ -304,6 +304,51 @@ def test_mining_writes_labelled_rows_readable_by_training(tmp_path):
         read_mined(tmp_path / "broken.jsonl")
 
 
+def test_mining_harmless_prompts_replays_answers_and_rejects_refusals(tmp_path, monkeypatch):
+    """Harmless prompts: finished answers are desirable (SFT replay), refusals undesirable, cut-off answers left
+    out; greedy with temperature 0; SFT gets the replay rows as their own part."""
+    import deccp.generation
+    from deccp import DeccpError
+    from deccp.mining import MineConfig, mine
+    from deccp.training import DataArguments, build_dataset
+
+    seen = {}
+
+    def fake_generate(model, tok, prompts, settings, **kw):
+        seen["settings"] = settings
+        answers = ["The Magna Carta was sealed in 1215 at Runnymede.", "I'm sorry, but I can't help with that.",
+                   "word " * 300]  # answered, refusal, cut off at max_new_tokens
+        return [[answers[i % 3]] for i in range(len(prompts))]
+
+    monkeypatch.setattr(deccp.generation, "generate", fake_generate)
+    out = tmp_path / "replay.jsonl"
+    summary = mine("tiny-qwen2", out, kinds=["harmless"], n_samples=1, temperature=0, max_new_tokens=64, limit=9,
+                   cache=False, progress=False)
+    assert seen["settings"].do_sample is False
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"harmless"} and summary["prompts"] == 9
+    assert summary["judge_labels"] == {"harmless_answered": 3, "harmless_refusal": 3, "harmless_unfinished": 3}
+    assert sorted((r["label"], r["judge_label"]) for r in rows) == \
+        [(False, "harmless_refusal")] * 3 + [(True, "harmless_answered")] * 3
+    assert not any(r["source"] == "gold" for r in rows)  # harmless prompts have no gold answer
+
+    ds, stats = build_dataset("sft", DataArguments(data="both", mined_files=[str(out)]))
+    assert stats["rows_harmless"] == 3 and stats["rows_sensitive"] > 0 and stats["rows_harmful"] > 0
+    replayed = [r for r in ds if r["completion"][0]["content"].startswith("The Magna Carta")]
+    assert len(replayed) == 3  # only desirable rows reach SFT
+    ds, stats = build_dataset("kto", DataArguments(data="mined", mined_files=[str(out)]))
+    assert stats["rows_harmless"] == 6 and stats["desirable"] > stats["rows_harmful"] // 2
+
+    pairs = tmp_path / "pairs.jsonl"
+    mine("tiny-qwen2", pairs, kinds=["harmless"], fmt="dpo", n_samples=1, temperature=0.5, max_new_tokens=16,
+         limit=3, cache=False, progress=False)
+    assert not pairs.read_text().strip()  # one answer per prompt: never both an answer and a refusal to pair
+    with pytest.raises(DeccpError, match="temperature"):
+        MineConfig(kinds=["harmless"], temperature=0, n_samples=2)
+    with pytest.raises(DeccpError, match="kinds"):
+        MineConfig(kinds=["harmles"])
+
+
 def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
     from deccp.training import resume_checkpoint
 

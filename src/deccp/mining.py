@@ -3,11 +3,16 @@
 For each sensitive train prompt the model answers `n_samples` times (sampling); `deccp.judges.judge_answer`
 labels each answer against our gold `Answer`. Refusals, CCP-aligned, confabulated and evasive answers become
 undesirable rows beside the gold answer (desirable); the model's own factual answers are kept as desirable
-too. For harmful prompts a refusal is desirable and anything else undesirable. Output (JSONL, read by
-`deccp.training.read_mined`):
+too. For harmful prompts a refusal is desirable and anything else undesirable.
+
+Harmless prompts (`kinds` with `harmless`) have no gold answer: the model's own answers are desirable
+(replayed during SFT they anchor the model to what it already does well, self-distillation against
+forgetting) and its refusals of them undesirable (over-refusal). `temperature=0` answers greedily, which is
+what replay wants. Output (JSONL, read by `deccp.training.read_mined`):
 
 - `fmt="kto"`: unpaired rows `{prompt, completion, label, lang, qid, kind, source, judge_label, reason}`;
-- `fmt="dpo"`: one row per prompt `{prompt, chosen, rejected, …}`: gold vs the model's worst answer.
+- `fmt="dpo"`: one row per prompt `{prompt, chosen, rejected, …}`: gold (for a harmless prompt, the model's
+  own answer) vs the model's worst answer.
 
 A `<out>.meta.json` beside it records the model, settings, counts and versions. Generations are cached
 (`$DECCP_CACHE/generations`), so an interrupted run resumes where it stopped.
@@ -23,6 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 from deccp import DeccpError, __version__
@@ -31,6 +37,28 @@ logger = logging.getLogger(__name__)
 
 UNDESIRABLE = ("ccp_aligned", "refusal", "confabulated", "evasive")  # worst first (for DPO pairs)
 DESIRABLE = ("factual_neutral",)
+KINDS = ("sensitive", "harmful", "harmless")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A prompt to mine: a gold `Answer` (sensitive, harmful) or a harmless prompt, which has none."""
+
+    prompt: str
+    lang: str
+    qid: str
+    kind: str
+    topic: str
+    answer: object = None  # deccp.data.schema.Answer, None for harmless prompts
+
+
+def _items(bundle, split: str, langs, kinds) -> list[_Item]:
+    items = [_Item(a.prompt, a.lang, a.qid, a.kind, a.topic, a) for a in bundle.answers_for(split=split, langs=langs)
+             if a.kind in kinds and a.prompt]
+    if "harmless" in kinds:
+        items += [_Item(p.text, p.lang, p.qid or p.id, "harmless", p.topic)
+                  for p in bundle.select("harmless", split=split, langs=langs) if p.text]
+    return items
 
 
 def _order(answers, seed: int):
@@ -48,6 +76,8 @@ def _order(answers, seed: int):
 
 def _verdict(kind: str, judgement, keep_good: bool) -> bool | None:
     """True: desirable, False: undesirable, None: left out."""
+    if kind == "harmless":
+        return False if judgement.refusal else (True if keep_good else None)
     if kind == "harmful":
         return (True if keep_good else None) if judgement.refusal else False
     if judgement.label in UNDESIRABLE:
@@ -76,28 +106,35 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
     from deccp.generation import GenerationCache, GenerationSettings, generate
     from deccp.io import atomic_write_json, atomic_write_jsonl
     from deccp.judges import judge_answer
-    from deccp.models import cache_dir, fingerprint, load_model, resolve_model
+    from deccp.judges.refusal import analyse
+    from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, resolve_model
 
     if fmt not in ("kto", "dpo"):
         raise DeccpError(f"format: {fmt!r} is not kto or dpo")
     if n_samples < 1:
         raise DeccpError("n_samples: at least 1")
+    if temperature < 0 or (temperature == 0 and n_samples > 1):
+        raise DeccpError("temperature: 0 (greedy) gives one answer per prompt; set n_samples 1 or temperature > 0")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise DeccpError(f"kinds: unknown {unknown} ({', '.join(KINDS)})")
     out_path = Path(out_path)
     t0 = time.time()
-    answers = [a for a in load_bundle(data_dir).answers_for(split=split, langs=langs)
-               if a.kind in kinds and a.prompt]
-    answers = _order(answers, seed)[:limit] if limit else _order(answers, seed)
+    items = _items(load_bundle(data_dir), split, langs, kinds)
+    answers = _order(items, seed)[:limit] if limit else _order(items, seed)
     if not answers:
-        raise DeccpError(f"no {'/'.join(kinds)} prompts with gold answers for split={split}, langs={list(langs)}")
+        raise DeccpError(f"no {'/'.join(kinds)} prompts for split={split}, langs={list(langs)}")
 
     model_path = resolve_model(model_spec)
+    dtype = inference_dtype(dtype)  # as the evaluation runs it: bf16 where the CPU has bf16 units
     model, tok = load_model(model_path, dtype=dtype)
     if torch.cuda.is_available():
         model.to("cuda")
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=temperature > 0,
                                   temperature=temperature, top_p=top_p, num_samples=n_samples, seed=seed,
                                   system_prompt=system_prompt)
-    gen_cache = GenerationCache(cache_dir() / "generations", fingerprint(model_path), settings) if cache else None
+    gen_cache = GenerationCache(cache_dir() / "generations", f"{fingerprint(model_path)}-{dtype}",
+                                 settings) if cache else None
     samples = generate(model, tok, [a.prompt for a in answers], settings, cache=gen_cache, desc="mining",
                        progress=progress)
 
@@ -108,8 +145,17 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
         base = {"prompt": a.prompt, "lang": a.lang, "qid": a.qid, "kind": a.kind, "topic": a.topic}
         judged: list[dict] = []
         for i, text in enumerate(dict.fromkeys(t for t in texts)):
-            j = judge_answer(a.prompt, text, lang=a.lang, reference=a, llm=llm)
-            label = j.label if a.kind != "harmful" or j.refusal else "harmful_compliance"
+            if a.kind == "harmless":  # no reference: only whether it refused
+                r = analyse(text, a.lang)
+                if not r.refusal and len(tok(text, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1:
+                    labels["harmless_unfinished"] += 1  # cut off by max_new_tokens: replay would teach stopping
+                    continue
+                label = "harmless_refusal" if r.refusal else "harmless_answered"
+                j = SimpleNamespace(label=label, refusal=r.refusal,
+                                    reason=label.replace("_", " ") + (f" ({r.reason})" if r.refusal else ""))
+            else:
+                j = judge_answer(a.prompt, text, lang=a.lang, reference=a.answer, llm=llm)
+                label = j.label if a.kind != "harmful" or j.refusal else "harmful_compliance"
             labels[label] += 1
             verdict = _verdict(a.kind, j, keep_good)
             if verdict is None:
@@ -117,16 +163,20 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
             judged.append({**base, "completion": text, "label": verdict, "source": f"mined:{label}",
                            "judge_label": label, "reason": j.reason, "sample": i})
         if fmt == "kto":
-            rows.append({**base, "completion": a.gold, "label": True, "source": "gold", "judge_label": "gold",
-                         "reason": "gold answer", "sample": -1})
+            if a.answer is not None:
+                rows.append({**base, "completion": a.answer.gold, "label": True, "source": "gold",
+                             "judge_label": "gold", "reason": "gold answer", "sample": -1})
             rows.extend(judged)
         else:
             bad = [r for r in judged if not r["label"]]
-            if not bad:
+            good = [r for r in judged if r["label"]]
+            if not bad or (a.answer is None and not good):
                 pairs_missing += 1
                 continue
             worst = max(bad, key=_severity)
-            rows.append({**base, "chosen": a.gold, "rejected": worst["completion"], "chosen_source": "gold",
+            chosen, source = (a.answer.gold, "gold") if a.answer is not None else \
+                (good[0]["completion"], "mined:harmless_answered")
+            rows.append({**base, "chosen": chosen, "rejected": worst["completion"], "chosen_source": source,
                          "rejected_label": worst["judge_label"], "reason": worst["reason"]})
 
     import transformers
@@ -141,7 +191,7 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
         "prompts_without_bad_answer": pairs_missing if fmt == "dpo" else None,
         "settings": {"split": split, "langs": list(langs), "kinds": list(kinds), "max_new_tokens": max_new_tokens,
                      "temperature": temperature, "top_p": top_p, "seed": seed, "system_prompt": system_prompt,
-                     "keep_good": keep_good, "limit": limit, "llm_judge": getattr(llm, "model", None)},
+                     "keep_good": keep_good, "limit": limit, "dtype": dtype, "llm_judge": getattr(llm, "model", None)},
         "seconds": round(time.time() - t0, 1),
         "versions": {"deccp": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -159,16 +209,18 @@ class MineConfig:
         "help": "kto: unpaired labelled rows; dpo: gold vs the worst answer"})
     langs: list[str] = field(default_factory=lambda: ["en", "zh"])
     split: Literal["train", "eval"] = "train"
-    kinds: list[str] = field(default_factory=lambda: ["sensitive", "harmful"])
+    kinds: list[str] = field(default_factory=lambda: ["sensitive", "harmful"], metadata={
+        "help": "sensitive, harmful, harmless (the model's own answers: replay for SFT; its refusals: undesirable)"})
     n_samples: int = field(default=4, metadata={"help": "sampled answers per prompt"})
     max_new_tokens: int = 256
     limit: int | None = field(default=None, metadata={"help": "at most this many prompts"})
-    temperature: float = 0.8
+    temperature: float = field(default=0.8, metadata={"help": "0: greedy (one answer per prompt)"})
     top_p: float = 0.95
     batch_size: int = 8
     seed: int = 0
     system_prompt: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "auto: bfloat16 on a GPU and on CPUs with bf16 units (as the evaluation), else float32"})
     keep_good: bool = field(default=True, metadata={"help": "keep the model's own good answers"})
     cache: bool = field(default=True, metadata={"help": "reuse cached generations"})
     data_dir: str | None = field(default=None, metadata={"help": "our datasets (default: $DECCP_DATA or data/)"})
@@ -177,9 +229,11 @@ class MineConfig:
         problems = []
         if self.n_samples < 1:
             problems.append("n_samples: at least 1")
-        bad = [k for k in self.kinds if k not in ("sensitive", "harmful")]
+        bad = [k for k in self.kinds if k not in KINDS]
         if bad:
-            problems.append(f"kinds: unknown {bad} (sensitive, harmful)")
+            problems.append(f"kinds: unknown {bad} ({', '.join(KINDS)})")
+        if self.temperature < 0 or (self.temperature == 0 and self.n_samples > 1):
+            problems.append("temperature: 0 (greedy) gives one answer per prompt; set n_samples 1 or temperature > 0")
         if self.limit is not None and self.limit < 1:
             problems.append("limit: at least 1")
         if problems:
@@ -216,11 +270,12 @@ def build_parser(prog: str = "deccp data mine") -> argparse.ArgumentParser:
                    help="kto: unpaired labelled rows; dpo: gold vs the worst answer")
     p.add_argument("--langs", nargs="+", default=["en", "zh"])
     p.add_argument("--split", default="train", choices=["train", "eval"])
-    p.add_argument("--kinds", nargs="+", default=["sensitive", "harmful"], choices=["sensitive", "harmful"])
+    p.add_argument("--kinds", nargs="+", default=["sensitive", "harmful"], choices=list(KINDS),
+                   help="harmless: the model's own answers (replay for SFT) and its refusals (undesirable)")
     p.add_argument("--n-samples", type=int, default=4, help="sampled answers per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="at most this many prompts (balanced by kind and language)")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (one answer per prompt)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -257,4 +312,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["DESIRABLE", "MineConfig", "UNDESIRABLE", "build_parser", "main", "mine", "mine_argv"]
+__all__ = ["DESIRABLE", "KINDS", "MineConfig", "UNDESIRABLE", "build_parser", "main", "mine", "mine_argv"]

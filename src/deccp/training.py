@@ -149,17 +149,18 @@ def read_mined(path: str | Path, langs: Iterable[str] | None = None) -> list[Com
         if langs is not None and lang not in langs:
             continue
         qid = str(row.get("qid") or hashlib.sha256(row["prompt"].encode()).hexdigest()[:12])
+        kind = str(row.get("kind") or "")
         if "completion" in row and "label" in row:
             if not isinstance(row["completion"], str) or not isinstance(row["label"], bool):
                 raise DeccpError(f"{path}:{i}: 'completion' must be a string and 'label' true or false")
             source = row.get("source") or ("gold" if row["label"] else "mined")
-            out.append(Completion(row["prompt"], row["completion"], row["label"], lang, qid, source))
+            out.append(Completion(row["prompt"], row["completion"], row["label"], lang, qid, source, kind))
         elif "chosen" in row and "rejected" in row:
             if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
                 raise DeccpError(f"{path}:{i}: 'chosen' and 'rejected' must be strings")
-            out.append(Completion(row["prompt"], row["chosen"], True, lang, qid, row.get("chosen_source", "gold")))
+            out.append(Completion(row["prompt"], row["chosen"], True, lang, qid, row.get("chosen_source", "gold"), kind))
             out.append(Completion(row["prompt"], row["rejected"], False, lang, qid,
-                                  "mined:" + str(row.get("rejected_label", "undesirable"))))
+                                  "mined:" + str(row.get("rejected_label", "undesirable")), kind))
         else:
             raise DeccpError(f"{path}:{i}: expected 'completion' and 'label', or 'chosen' and 'rejected'")
     return out
@@ -177,7 +178,7 @@ def _dedupe(completions: Iterable[Completion]) -> list[Completion]:
 
 
 def training_completions(data_args: DataArguments) -> tuple[list[Completion], list[Completion], dict]:
-    """(completions for sensitive prompts, completions for harmful prompts, provenance of the inputs)."""
+    """(completions for sensitive and harmless prompts, completions for harmful prompts, provenance of the inputs)."""
     from deccp.data import load_bundle
 
     bundle = load_bundle(data_args.data_dir)
@@ -237,7 +238,9 @@ def build_dataset(kind: str, data_args: DataArguments, *, seed: int = 0):
     main, harmful, inputs = training_completions(data_args)
     rng = random.Random(seed)
     groups: dict[tuple, list[dict]] = {}
-    for part, comps in (("sensitive", main), ("harmful", harmful)):
+    parts = (("sensitive", [c for c in main if c.kind != "harmless"]),
+             ("harmless", [c for c in main if c.kind == "harmless"]), ("harmful", harmful))
+    for part, comps in parts:
         for row in to_rows(kind, comps, data_args.system_prompt):
             groups.setdefault((part, row["label"] if kind == "kto" else None), []).append(row)
     for g in groups.values():
@@ -253,6 +256,7 @@ def build_dataset(kind: str, data_args: DataArguments, *, seed: int = 0):
     stats: dict = {"rows": len(rows),
                    "rows_sensitive": sum(len(g) for k, g in groups.items() if k[0] == "sensitive"),
                    "rows_harmful": sum(len(g) for k, g in groups.items() if k[0] == "harmful"),
+                   "rows_harmless": sum(len(g) for k, g in groups.items() if k[0] == "harmless"),
                    "completions_by_source": dict(Counter(c.source.split(":")[0] if c.source.startswith("mined")
                                                          else c.source for c in main + harmful)),
                    "completions_by_lang": dict(Counter(c.lang for c in main + harmful))}

@@ -23,6 +23,7 @@ class Completion:
     lang: str
     qid: str
     source: str  # gold | ccp:<type> | mined:<label>
+    kind: str = ""  # the prompt's kind when known: sensitive | harmful | harmless
 
 
 def static_completions(answers: Iterable[Answer], *, include_ccp: bool = True) -> list[Completion]:
