@@ -107,7 +107,7 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
     from deccp.io import atomic_write_json, atomic_write_jsonl
     from deccp.judges import judge_answer
     from deccp.judges.refusal import analyse
-    from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, resolve_model
+    from deccp.models import cache_dir, fingerprint, load_model, resolve_dtype, resolve_model
 
     if fmt not in ("kto", "dpo"):
         raise DeccpError(f"format: {fmt!r} is not kto or dpo")
@@ -126,7 +126,7 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
         raise DeccpError(f"no {'/'.join(kinds)} prompts for split={split}, langs={list(langs)}")
 
     model_path = resolve_model(model_spec)
-    dtype = inference_dtype(dtype)  # as the evaluation runs it: bf16 where the CPU has bf16 units
+    dtype = str(resolve_dtype(dtype)).removeprefix("torch.")  # auto: bfloat16 on a GPU, float32 on CPU
     model, tok = load_model(model_path, dtype=dtype)
     if torch.cuda.is_available():
         model.to("cuda")
@@ -220,7 +220,7 @@ class MineConfig:
     seed: int = 0
     system_prompt: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "auto: bfloat16 on a GPU and on CPUs with bf16 units (as the evaluation), else float32"})
+        "help": "auto: bfloat16 on a GPU, float32 on CPU; the generation cache is kept per dtype"})
     keep_good: bool = field(default=True, metadata={"help": "keep the model's own good answers"})
     cache: bool = field(default=True, metadata={"help": "reuse cached generations"})
     data_dir: str | None = field(default=None, metadata={"help": "our datasets (default: $DECCP_DATA or data/)"})
