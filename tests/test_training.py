@@ -347,6 +347,8 @@ def test_mining_harmless_prompts_replays_answers_and_rejects_refusals(tmp_path, 
         MineConfig(kinds=["harmless"], temperature=0, n_samples=2)
     with pytest.raises(DeccpError, match="kinds"):
         MineConfig(kinds=["harmles"])
+    with pytest.raises(DeccpError, match="kinds: unknown.*; temperature: 0"):  # the function checks the same
+        mine("tiny-qwen2", out, kinds=["harmles"], temperature=0, n_samples=2, progress=False)
 
 
 def test_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):

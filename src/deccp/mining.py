@@ -29,9 +29,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from deccp import DeccpError, __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from deccp.data.schema import Answer
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class _Item:
     qid: str
     kind: str
     topic: str
-    answer: object = None  # deccp.data.schema.Answer, None for harmless prompts
+    answer: Answer | None = None  # None for harmless prompts
 
 
 def _items(bundle, split: str, langs, kinds) -> list[_Item]:
@@ -59,6 +62,23 @@ def _items(bundle, split: str, langs, kinds) -> list[_Item]:
         items += [_Item(p.text, p.lang, p.qid or p.id, "harmless", p.topic)
                   for p in bundle.select("harmless", split=split, langs=langs) if p.text]
     return items
+
+
+def settings_problems(*, fmt: str, kinds, n_samples: int, temperature: float, limit: int | None) -> list[str]:
+    """What is wrong with these mining settings, one line each (the function and `MineConfig` share them)."""
+    problems = []
+    if fmt not in ("kto", "dpo"):
+        problems.append(f"format: {fmt!r} is not kto or dpo")
+    if n_samples < 1:
+        problems.append("n_samples: at least 1")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        problems.append(f"kinds: unknown {unknown} ({', '.join(KINDS)})")
+    if temperature < 0 or (temperature == 0 and n_samples > 1):
+        problems.append("temperature: 0 (greedy) gives one answer per prompt; set n_samples 1 or temperature > 0")
+    if limit is not None and limit < 1:
+        problems.append("limit: at least 1")
+    return problems
 
 
 def _order(answers, seed: int):
@@ -109,15 +129,9 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
     from deccp.judges.refusal import analyse
     from deccp.models import cache_dir, fingerprint, load_model, resolve_dtype, resolve_model
 
-    if fmt not in ("kto", "dpo"):
-        raise DeccpError(f"format: {fmt!r} is not kto or dpo")
-    if n_samples < 1:
-        raise DeccpError("n_samples: at least 1")
-    if temperature < 0 or (temperature == 0 and n_samples > 1):
-        raise DeccpError("temperature: 0 (greedy) gives one answer per prompt; set n_samples 1 or temperature > 0")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise DeccpError(f"kinds: unknown {unknown} ({', '.join(KINDS)})")
+    problems = settings_problems(fmt=fmt, kinds=kinds, n_samples=n_samples, temperature=temperature, limit=limit)
+    if problems:
+        raise DeccpError("; ".join(problems))
     out_path = Path(out_path)
     t0 = time.time()
     items = _items(load_bundle(data_dir), split, langs, kinds)
@@ -226,16 +240,8 @@ class MineConfig:
     data_dir: str | None = field(default=None, metadata={"help": "our datasets (default: $DECCP_DATA or data/)"})
 
     def __post_init__(self):
-        problems = []
-        if self.n_samples < 1:
-            problems.append("n_samples: at least 1")
-        bad = [k for k in self.kinds if k not in KINDS]
-        if bad:
-            problems.append(f"kinds: unknown {bad} ({', '.join(KINDS)})")
-        if self.temperature < 0 or (self.temperature == 0 and self.n_samples > 1):
-            problems.append("temperature: 0 (greedy) gives one answer per prompt; set n_samples 1 or temperature > 0")
-        if self.limit is not None and self.limit < 1:
-            problems.append("limit: at least 1")
+        problems = settings_problems(fmt=self.format, kinds=self.kinds, n_samples=self.n_samples,
+                                     temperature=self.temperature, limit=self.limit)
         if problems:
             raise DeccpError("invalid mine config: " + "; ".join(problems))
 
@@ -312,4 +318,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["DESIRABLE", "KINDS", "MineConfig", "UNDESIRABLE", "build_parser", "main", "mine", "mine_argv"]
+__all__ = ["DESIRABLE", "KINDS", "MineConfig", "UNDESIRABLE", "build_parser", "main", "mine", "mine_argv",
+           "settings_problems"]
