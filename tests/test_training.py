@@ -309,6 +309,7 @@ def test_mining_harmless_prompts_replays_answers_and_rejects_refusals(tmp_path, 
     out; greedy with temperature 0; SFT gets the replay rows as their own part."""
     import deccp.generation
     from deccp import DeccpError
+    from deccp.generation import Sample
     from deccp.mining import MineConfig, mine
     from deccp.training import DataArguments, build_dataset
 
@@ -316,11 +317,12 @@ def test_mining_harmless_prompts_replays_answers_and_rejects_refusals(tmp_path, 
 
     def fake_generate(model, tok, prompts, settings, **kw):
         seen["settings"] = settings
-        answers = ["The Magna Carta was sealed in 1215 at Runnymede.", "I'm sorry, but I can't help with that.",
-                   "word " * 300]  # answered, refusal, cut off at max_new_tokens
+        answers = [Sample("The Magna Carta was sealed in 1215 at Runnymede.", True),
+                   Sample("I'm sorry, but I can't help with that.", True),
+                   Sample("The Magna Carta was sealed in", False)]  # answered, refusal, cut off at max_new_tokens
         return [[answers[i % 3]] for i in range(len(prompts))]
 
-    monkeypatch.setattr(deccp.generation, "generate", fake_generate)
+    monkeypatch.setattr(deccp.generation, "generate_samples", fake_generate)
     out = tmp_path / "replay.jsonl"
     summary = mine("tiny-qwen2", out, kinds=["harmless"], n_samples=1, temperature=0, max_new_tokens=64, limit=9,
                    cache=False, progress=False)

@@ -35,39 +35,75 @@ class GenerationSettings:
         return json.dumps(d, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One generated answer; `finished` is False when `max_new_tokens` cut it off before an end-of-turn token."""
+
+    text: str
+    finished: bool
+
+
+CACHE_FORMAT = "v2"  # v2 rows carry `finished`; v1 files (answers only) are not read
+
+
 class GenerationCache:
     """JSONL cache file per (model fingerprint, settings); appends as batches finish (safe to interrupt)."""
 
     def __init__(self, root: str | Path, fingerprint: str, settings: GenerationSettings):
-        digest = hashlib.sha256(f"{fingerprint}|{settings.key()}".encode()).hexdigest()[:16]
+        digest = hashlib.sha256(f"{CACHE_FORMAT}|{fingerprint}|{settings.key()}".encode()).hexdigest()[:16]
         self.path = Path(root) / f"{fingerprint}-{digest}.jsonl"
-        self.entries: dict[str, list[str]] = {}
+        self.entries: dict[str, list[Sample]] = {}
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a killed run: ignore it
+                    samples = [Sample(t, bool(f)) for t, f in zip(row["answers"], row["finished"], strict=True)]
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # a line cut by a killed run
                     continue
-                self.entries[row["prompt"]] = row["answers"]
+                self.entries[row["prompt"]] = samples
 
-    def get(self, prompt: str) -> list[str] | None:
+    def get(self, prompt: str) -> list[Sample] | None:
         return self.entries.get(prompt)
 
-    def add(self, items: list[tuple[str, list[str]]]) -> None:
+    def add(self, items: list[tuple[str, list[Sample]]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
-            for prompt, answers in items:
-                self.entries[prompt] = answers
-                fh.write(json.dumps({"prompt": prompt, "answers": answers}, ensure_ascii=False) + "\n")
+            for prompt, samples in items:
+                self.entries[prompt] = samples
+                row = {"prompt": prompt, "answers": [s.text for s in samples],
+                       "finished": [s.finished for s in samples]}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Token ids that end an answer: the generation config's EOS id(s), the tokenizer's EOS and pad ids (after a
+    sequence of the batch has ended, generate pads it; prompts are left-padded, so answers hold no other pad)."""
+    ids: set[int] = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id,
+                  tokenizer.pad_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings | None = None, *,
              cache: GenerationCache | None = None, desc: str = "generating", progress: bool = True) -> list[list[str]]:
     """Answers for each prompt (a list of `num_samples` strings; one for greedy)."""
+    rows = generate_samples(model, tokenizer, prompts, settings, cache=cache, desc=desc, progress=progress)
+    return [[s.text for s in row] for row in rows]
+
+
+def generate_samples(model, tokenizer, prompts: list[str], settings: GenerationSettings | None = None, *,
+                     cache: GenerationCache | None = None, desc: str = "generating",
+                     progress: bool = True) -> list[list[Sample]]:
+    """Like `generate`, with whether each answer ended on its own (an end-of-turn token) or was cut off."""
     import torch
 
     settings = settings or GenerationSettings()
-    results: dict[str, list[str]] = {}
+    stops = stop_token_ids(model, tokenizer)
+    results: dict[str, list[Sample]] = {}
     todo = []
     for p in dict.fromkeys(prompts):
         hit = cache.get(p) if cache else None
@@ -94,7 +130,9 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings 
             out = model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        items = [(p, [t.strip() for t in texts[i * n:(i + 1) * n]]) for i, p in enumerate(chunk)]
+        finished = [any(t in stops for t in row) for row in new.tolist()]
+        samples = [Sample(t.strip(), f) for t, f in zip(texts, finished, strict=True)]
+        items = [(p, samples[i * n:(i + 1) * n]) for i, p in enumerate(chunk)]
         for p, a in items:
             results[p] = a
         if cache:

@@ -8,7 +8,10 @@ too. For harmful prompts a refusal is desirable and anything else undesirable.
 Harmless prompts (`kinds` with `harmless`) have no gold answer: the model's own answers are desirable
 (replayed during SFT they anchor the model to what it already does well, self-distillation against
 forgetting) and its refusals of them undesirable (over-refusal). `temperature=0` answers greedily, which is
-what replay wants. Output (JSONL, read by `deccp.training.read_mined`):
+what replay wants. An answer that `max_new_tokens` cut off before its end-of-turn token is dropped (replaying
+it would teach stopping mid-sentence) and counted as `harmless_unfinished`.
+
+Output (JSONL, read by `deccp.training.read_mined`):
 
 - `fmt="kto"`: unpaired rows `{prompt, completion, label, lang, qid, kind, source, judge_label, reason}`;
 - `fmt="dpo"`: one row per prompt `{prompt, chosen, rejected, …}`: gold (for a harmless prompt, the model's
@@ -123,7 +126,7 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
     import torch
 
     from deccp.data import load_bundle
-    from deccp.generation import GenerationCache, GenerationSettings, generate
+    from deccp.generation import GenerationCache, GenerationSettings, generate_samples
     from deccp.io import atomic_write_json, atomic_write_jsonl
     from deccp.judges import judge_answer
     from deccp.judges.refusal import analyse
@@ -149,19 +152,22 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
                                   system_prompt=system_prompt)
     gen_cache = GenerationCache(cache_dir() / "generations", f"{fingerprint(model_path)}-{dtype}",
                                  settings) if cache else None
-    samples = generate(model, tok, [a.prompt for a in answers], settings, cache=gen_cache, desc="mining",
+    samples = generate_samples(model, tok, [a.prompt for a in answers], settings, cache=gen_cache, desc="mining",
                        progress=progress)
 
     labels: Counter = Counter()
     rows: list[dict] = []
     pairs_missing = 0
-    for a, texts in zip(answers, samples, strict=True):
+    for a, drawn in zip(answers, samples, strict=True):
         base = {"prompt": a.prompt, "lang": a.lang, "qid": a.qid, "kind": a.kind, "topic": a.topic}
         judged: list[dict] = []
-        for i, text in enumerate(dict.fromkeys(t for t in texts)):
+        finished = {}
+        for sample in drawn:  # identical texts are judged once
+            finished.setdefault(sample.text, sample.finished)
+        for i, text in enumerate(finished):
             if a.kind == "harmless":  # no reference: only whether it refused
                 r = analyse(text, a.lang)
-                if not r.refusal and len(tok(text, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1:
+                if not r.refusal and not finished[text]:
                     labels["harmless_unfinished"] += 1  # cut off by max_new_tokens: replay would teach stopping
                     continue
                 label = "harmless_refusal" if r.refusal else "harmless_answered"
