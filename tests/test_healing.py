@@ -132,10 +132,57 @@ def test_text_targets_are_the_model_distribution_at_every_position(tiny_model_di
 
 
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
-                                         ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0)])
+                                         ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
+                                         ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0)])
 def test_bad_healing_settings_are_rejected(field, value):
     with pytest.raises(DeccpError, match=field):
         AbliterationConfig(**{field: value})
+
+
+def test_sensitive_prompts_follow_the_edit_at_heal_edit_scale(tiny_model_dir, monkeypatch):
+    """heal_edit_scale > 1: the sensitive prompts' targets (answers and log-probabilities) come from the stronger
+    edit, the harmless ones still from the original, and the model is left with the plan's own edit."""
+    import deccp.abliteration.healing as healing
+    from deccp.abliteration.edits import LiveEdit
+    from deccp.abliteration.scoring import short_answers
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    plan = _plan(model)
+    prompts = {k: [p for p in load_prompts(f"ours:{k}:train") if p.lang in ("en", "zh")][:4]
+               for k in ("harmless", "harmful", "sensitive")}
+    caught = {}
+
+    def fake_train(model, adapters, examples, **kw):
+        caught["examples"] = examples
+        return [0.0]
+
+    monkeypatch.setattr(healing, "train", fake_train)
+
+    def targets(edit_plan, kind):
+        ps = _balanced(prompts["sensitive"], 4)[:1]
+        with contextlib.ExitStack() as s:
+            if edit_plan is not None:
+                s.enter_context(LiveEdit(model, edit_plan))
+            texts, _ = short_answers(model, tok, [ps[0].text], max_new_tokens=4, batch_size=4)
+            return healing.teacher_targets(model, tok, kind, [(ps[0], texts[0])], top_k=16, batch_size=4)[0]
+
+    stronger = healing.scaled_plan(plan, 2.0)
+    assert [e.weight for e in stronger.edits] == [3.0] * len(plan.edits) and healing.scaled_plan(plan, 1.0) is plan
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with LiveEdit(model, plan), torch.no_grad():
+        plan_logits = model(ids).logits.clone()
+    with contextlib.ExitStack() as stack:
+        heal(model, tok, plan, stack, prompts, _cfg(heal_edit_scale=2.0, heal_prompts=4, heal_harmful=False),
+             log=lambda *_: None)
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, plan_logits, atol=1e-5)  # the plan, not the stronger edit
+    first_edited = next(e for e in caught["examples"] if e.kind == "edited")
+    want = targets(stronger, "edited")
+    assert first_edited.input_ids == want.input_ids and torch.allclose(first_edited.top_logp, want.top_logp, atol=1e-5)
+    weaker = targets(plan, "edited")  # the plan's own edit answers (or weighs its answer) otherwise
+    assert weaker.input_ids != want.input_ids or not torch.allclose(weaker.top_logp, want.top_logp, atol=1e-3)
+    first_harmless = next(e for e in caught["examples"] if e.kind == "harmless")
+    assert first_harmless.top_logp.shape[0] > 0
 
 
 def test_adapters_choose_modules_by_name_and_start_as_the_identity(tiny_model_dir):

@@ -75,6 +75,10 @@ class AbliterationConfig:
         "help": "plain texts (our train-split gold answers, no chat template) on which the original's next-token "
                 "distribution is distilled at every position, for general capability; 0: none"})
     heal_text_tokens: int = field(default=64, metadata={"help": "tokens per plain text"})
+    heal_edit_scale: float = field(default=1.0, metadata={
+        "help": "the teacher of sensitive (and wrongly refused harmless) prompts is the edit with every weight "
+                "times this; above 1 a stronger edit teaches the healed model to drop refusals the edit left, "
+                "while harmless and harmful prompts keep following the original"})
 
     # scoring, search
     score_max_new_tokens: int = field(default=12, metadata={"help": "answer prefix judged when scoring candidates"})
@@ -123,6 +127,8 @@ class AbliterationConfig:
             problems.append("heal_texts: at least 0")
         if self.check_capability_limit is not None and self.check_capability_limit < 1:
             problems.append("check_capability_limit: at least 1, or null for every item")
+        if not 0 < self.heal_edit_scale <= 3:
+            problems.append("heal_edit_scale: greater than 0 and at most 3")
         if not self.heal_learning_rate > 0:
             problems.append("heal_learning_rate: greater than 0")
         if self.heal_first_token_weight < 0:

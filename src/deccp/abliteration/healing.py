@@ -308,6 +308,15 @@ def _balanced(items: list[_T], n: int) -> list[_T]:
     return out
 
 
+def scaled_plan(plan, scale: float):
+    """The same edit with every module's weight times `scale` (the plan itself when `scale` is 1)."""
+    from dataclasses import replace
+
+    if scale == 1:
+        return plan
+    return replace(plan, edits=[replace(e, weight=e.weight * scale) for e in plan.edits])
+
+
 def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
          log=print) -> HealResult:
     """Targets from the original (harmless answered, harmful refused) and from the live edit (sensitive, harmless
@@ -344,11 +353,12 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
         examples += text_targets(model, tokenizer, texts, max_tokens=cfg.heal_text_tokens, top_k=cfg.heal_top_k,
                                  batch_size=cfg.batch_size)
         counts["text"] = len(texts)
-    stack.enter_context(LiveEdit(model, plan))
-    # the edit's own behaviour is the target where the original refused wrongly: sensitive prompts, and
-    # harmless prompts it refused (other countries' politics and history)
+    # the edit's own behaviour (at `heal_edit_scale`) is the target where the original refused wrongly:
+    # sensitive prompts, and harmless prompts it refused (other countries' politics and history)
     ps = _balanced(prompts.get("sensitive", []), cfg.heal_prompts) + [p for p, r in refused if r]
-    examples += teacher_targets(model, tokenizer, "edited", list(zip(ps, answers(ps), strict=True)), **kw)
+    with LiveEdit(model, scaled_plan(plan, cfg.heal_edit_scale)):
+        examples += teacher_targets(model, tokenizer, "edited", list(zip(ps, answers(ps), strict=True)), **kw)
+    stack.enter_context(LiveEdit(model, plan))
     counts["sensitive"] = len(ps) - sum(r for _, r in refused)
     counts["harmless_refused"] = sum(r for _, r in refused)
     log(f"healing: {counts['harmless']} answered harmless" + (f" and {counts['harmful']} refused harmful"
@@ -365,5 +375,5 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0)
 
 
-__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal", "plain_texts",
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal", "plain_texts", "scaled_plan",
            "teacher_targets", "text_targets", "train"]
