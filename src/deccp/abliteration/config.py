@@ -78,7 +78,8 @@ class AbliterationConfig:
     heal_edit_scale: float = field(default=1.0, metadata={
         "help": "the teacher of sensitive (and wrongly refused harmless) prompts is the edit with every weight "
                 "times this; above 1 a stronger edit teaches the healed model to drop refusals the edit left, "
-                "while harmless and harmful prompts keep following the original"})
+                "while harmless and harmful prompts keep following the original (1.33 on the default model "
+                "cut harmful-request refusal from 44 % to 28 %: see README)"})
 
     # scoring, search
     score_max_new_tokens: int = field(default=12, metadata={"help": "answer prefix judged when scoring candidates"})
