@@ -166,8 +166,8 @@ def test_sensitive_prompts_follow_the_edit_at_heal_edit_scale(tiny_model_dir, mo
             texts, _ = short_answers(model, tok, [ps[0].text], max_new_tokens=4, batch_size=4)
             return healing.teacher_targets(model, tok, kind, [(ps[0], texts[0])], top_k=16, batch_size=4)[0]
 
-    stronger = healing.scaled_plan(plan, 2.0)
-    assert [e.weight for e in stronger.edits] == [3.0] * len(plan.edits) and healing.scaled_plan(plan, 1.0) is plan
+    stronger = plan.scaled(2.0)
+    assert [e.weight for e in stronger.edits] == [3.0] * len(plan.edits) and plan.scaled(1.0) is plan
     ids = torch.tensor([[3, 5, 7, 9]])
     with LiveEdit(model, plan), torch.no_grad():
         plan_logits = model(ids).logits.clone()

@@ -153,7 +153,7 @@ def mine(model_spec: str, out_path: str | Path, *, langs=("en", "zh"), n_samples
     gen_cache = GenerationCache(cache_dir() / "generations", f"{fingerprint(model_path)}-{dtype}",
                                  settings) if cache else None
     samples = generate_samples(model, tok, [a.prompt for a in answers], settings, cache=gen_cache, desc="mining",
-                       progress=progress)
+                               progress=progress)
 
     labels: Counter = Counter()
     rows: list[dict] = []

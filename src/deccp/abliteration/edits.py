@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -90,6 +90,12 @@ class ModuleEdit:
 class EditPlan:
     edits: list[ModuleEdit] = field(default_factory=list)
     untie_embeddings: bool = False
+
+    def scaled(self, scale: float) -> EditPlan:
+        """The same edit with every module's weight times `scale` (the plan itself when `scale` is 1)."""
+        if scale == 1:
+            return self
+        return EditPlan([replace(e, weight=e.weight * scale) for e in self.edits], self.untie_embeddings)
 
     def by_name(self) -> dict[str, ModuleEdit]:
         return {e.name: e for e in self.edits}

@@ -308,15 +308,6 @@ def _balanced(items: list[_T], n: int) -> list[_T]:
     return out
 
 
-def scaled_plan(plan, scale: float):
-    """The same edit with every module's weight times `scale` (the plan itself when `scale` is 1)."""
-    from dataclasses import replace
-
-    if scale == 1:
-        return plan
-    return replace(plan, edits=[replace(e, weight=e.weight * scale) for e in plan.edits])
-
-
 def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
          log=print) -> HealResult:
     """Targets from the original (harmless answered, harmful refused) and from the live edit (sensitive, harmless
@@ -356,7 +347,7 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     # the edit's own behaviour (at `heal_edit_scale`) is the target where the original refused wrongly:
     # sensitive prompts, and harmless prompts it refused (other countries' politics and history)
     ps = _balanced(prompts.get("sensitive", []), cfg.heal_prompts) + [p for p, r in refused if r]
-    with LiveEdit(model, scaled_plan(plan, cfg.heal_edit_scale)):
+    with LiveEdit(model, plan.scaled(cfg.heal_edit_scale)):
         examples += teacher_targets(model, tokenizer, "edited", list(zip(ps, answers(ps), strict=True)), **kw)
     stack.enter_context(LiveEdit(model, plan))
     counts["sensitive"] = len(ps) - sum(r for _, r in refused)
@@ -375,5 +366,5 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0)
 
 
-__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal", "plain_texts", "scaled_plan",
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal", "plain_texts",
            "teacher_targets", "text_targets", "train"]
