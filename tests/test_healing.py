@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from deccp import DeccpError
 from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.edits import EditPlan, ModuleEdit
-from deccp.abliteration.healing import _balanced, coarse_kl, heal, plain_texts, text_targets
+from deccp.abliteration.healing import _balanced, coarse_kl, heal, plain_texts, teacher_answers, text_targets
 from deccp.abliteration.run import run
 from deccp.abliteration.streaming import stream_edit
 from deccp.data.load import load_bundle, load_prompts
@@ -107,6 +108,21 @@ def test_run_with_healing_records_it(tiny_model_dir, tmp_path):
     assert record["check"]["after"]["refusal"]
     assert any("healing:" in line for line in lines)
 
+    # a re-run takes everything the unedited model did from the cache (selection and check answers, example
+    # answers, the original's healing targets for harmless and harmful prompts) and gets the same numbers
+    assert record["unedited_cache_hits"] == 0
+    again = run(dataclasses.replace(cfg, overwrite=True, check_capability=False), log=lambda *_: None)
+    assert again["unedited_cache_hits"] == 5
+    assert again["selection"]["unedited"] == record["selection"]["unedited"]
+    assert again["check"]["before"] == record["check"]["before"]
+    assert [e["before"] for e in again["check"]["examples"]] == [e["before"] for e in record["check"]["examples"]]
+    assert again["healing"]["examples"] == record["healing"]["examples"]
+    assert again["healing"]["loss_start"] == record["healing"]["loss_start"]  # the same targets, the same training
+    assert again["healing"]["loss_end"] == record["healing"]["loss_end"]
+    shorter = run(dataclasses.replace(cfg, overwrite=True, check_capability=False, check_max_new_tokens=3),
+                  log=lambda *_: None)
+    assert shorter["unedited_cache_hits"] == 4  # only the check answers are new (selection, examples, healing hit)
+
 
 def test_plain_texts_are_train_gold_answers_balanced_over_languages():
     texts = plain_texts(["en", "zh"], 6, seed=3)
@@ -131,6 +147,75 @@ def test_text_targets_are_the_model_distribution_at_every_position(tiny_model_di
         assert torch.equal(e.top_idx, idx) and torch.allclose(e.top_logp, val, atol=1e-4)  # padding changed nothing
 
 
+def test_teacher_answers_targets_are_the_teacher_forced_distribution_of_its_own_answer(tiny_model_dir):
+    """One generation pass gives both the answers (as `short_answers` has them) and, along the generated ids,
+    the same top-k log-probabilities a full forward pass over prompt + answer gives; an end-of-turn token ends
+    the example (it is kept: stopping there is part of the teacher's behaviour)."""
+    from deccp.abliteration.scoring import short_answers
+    from deccp.chat import encode_batch
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    ps = [p for p in load_prompts("ours:harmless:train") if p.lang in ("en", "zh")][:5]
+    texts, examples = teacher_answers(model, tok, "harmless", ps, answer_tokens=5, top_k=7, batch_size=3)
+    assert texts == short_answers(model, tok, [p.text for p in ps], max_new_tokens=5, batch_size=3)[0]
+    for p, e in zip(ps, examples, strict=True):
+        prompt_ids = encode_batch(tok, [p.text])["input_ids"][0].tolist()
+        assert e.kind == "harmless" and e.input_ids[:e.n_prompt] == prompt_ids and len(e.input_ids) == e.n_prompt + 5
+        with torch.no_grad():
+            logp = model(torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1].float().log_softmax(-1)
+        val, idx = logp.topk(7, dim=-1)
+        assert torch.equal(e.top_idx, idx) and torch.allclose(e.top_logp, val, atol=1e-4)
+        assert e.input_ids[e.n_prompt:] == logp.argmax(-1).tolist()  # the targets follow the greedy answer itself
+
+    # make the second answer token of the first prompt an end-of-turn token: its example stops right there
+    model.generation_config.eos_token_id = [examples[0].input_ids[examples[0].n_prompt + 1]]
+    _, cut = teacher_answers(model, tok, "harmless", ps[:1], answer_tokens=5, top_k=7, batch_size=3)
+    assert cut[0].input_ids == examples[0].input_ids[:examples[0].n_prompt + 2] and cut[0].top_idx.shape == (2, 7)
+
+
+def _empty_targets(n: int):
+    return torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1), torch.zeros(n)
+
+
+@pytest.mark.parametrize("sliced", [True, False])
+def test_answer_logits_share_the_common_prefix_and_match_separate_forward_passes(tiny_model_dir, sliced):
+    """The shared beginning is run once for the batch; logits and the adapters' gradients equal those of each
+    sequence run alone, unpadded."""
+    from deccp.abliteration.healing import HealExample, LowRankAdapters, answer_logits, shared_prefix_length
+
+    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    head = list(range(20, 30))  # a 10-token beginning every example shares (the system turn, in real use)
+    tails = [([41, 42, 43], [7, 8]), ([51, 52, 53, 54, 55], [9, 10, 11, 12]), ([61, 62], [13])]
+    examples = [HealExample("harmless", head + p + a, len(head) + len(p), *_empty_targets(len(a))) for p, a in tails]
+    assert shared_prefix_length(examples) == 10
+    text = HealExample("text", [20, 21, 99], 1, *_empty_targets(2))
+    assert shared_prefix_length([*examples, text]) == 0  # a plain text predicts from its first token on
+    assert shared_prefix_length([examples[0], HealExample("harmless", head[:5] + [1] * 9, 13, *_empty_targets(1))]) == 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"]) as ad:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for b in ad.B.values():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)  # a non-zero correction, so A gets gradients too
+
+        def grads(rows_of):
+            for q in ad.parameters():
+                q.grad = None
+            rows = rows_of()
+            sum(r.float().log_softmax(-1)[:, :50].sum() for r in rows).backward()
+            return rows, [q.grad.clone() for q in ad.parameters()]
+
+        shared, g_shared = grads(lambda: answer_logits(model, examples, pad_id=0, sliced=sliced))
+        alone, g_alone = grads(lambda: [model(torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1]
+                                        for e in examples])
+    for e, a, b in zip(examples, shared, alone, strict=True):
+        assert a.shape == (len(e.input_ids) - e.n_prompt, model.config.vocab_size)
+        assert torch.allclose(a, b, atol=1e-4)
+    assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_shared, g_alone, strict=True))
+    assert any(float(x.abs().max()) > 0 for x in g_shared)
+
+
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
                                          ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
                                          ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0)])
@@ -144,7 +229,6 @@ def test_sensitive_prompts_follow_the_edit_at_heal_edit_scale(tiny_model_dir, mo
     edit, the harmless ones still from the original, and the model is left with the plan's own edit."""
     import deccp.abliteration.healing as healing
     from deccp.abliteration.edits import LiveEdit
-    from deccp.abliteration.scoring import short_answers
 
     model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
     plan = _plan(model)
@@ -163,8 +247,7 @@ def test_sensitive_prompts_follow_the_edit_at_heal_edit_scale(tiny_model_dir, mo
         with contextlib.ExitStack() as s:
             if edit_plan is not None:
                 s.enter_context(LiveEdit(model, edit_plan))
-            texts, _ = short_answers(model, tok, [ps[0].text], max_new_tokens=4, batch_size=4)
-            return healing.teacher_targets(model, tok, kind, [(ps[0], texts[0])], top_k=16, batch_size=4)[0]
+            return healing.teacher_answers(model, tok, kind, ps, answer_tokens=4, top_k=16, batch_size=4)[1][0]
 
     stronger = plan.scaled(2.0)
     assert [e.weight for e in stronger.edits] == [3.0] * len(plan.edits) and plan.scaled(1.0) is plan

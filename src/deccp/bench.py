@@ -21,15 +21,17 @@ def peak_rss_gb() -> float:
 
 
 def bench_abliteration(model: str, recipe: str, *, search_trials: int = 0, keep_output: Path | None = None) -> dict:
-    """Run the abliteration recipe into a temporary directory (or `keep_output`); report per-stage wall time
-    and peak memory."""
+    """Run the abliteration recipe into a temporary directory (or `keep_output`) with an empty cache (the first
+    run on a machine: the direction pass and the unedited model's answers are computed); report per-stage wall
+    time and peak memory."""
     from deccp.abliteration.config import AbliterationConfig
     from deccp.abliteration.run import run
     from deccp.config import parse_config
 
     with tempfile.TemporaryDirectory(prefix="deccp-bench-") as tmp:
         target = keep_output or Path(tmp) / "out"
-        argv = ["--config", recipe, "--model", model, "--output_dir", str(target), "--overwrite", "true"]
+        argv = ["--config", recipe, "--model", model, "--output_dir", str(target), "--overwrite", "true",
+                "--cache_dir", str(Path(tmp) / "cache")]
         if search_trials:
             argv += ["--search", "true", "--n_trials", str(search_trials), "--study_path", str(Path(tmp) / "s.db"),
                      "--check", "false"]

@@ -18,7 +18,8 @@ class AbliterationConfig:
                                                          "on CPUs with bf16 matrix units, else fp32), float32, bfloat16"})
     device_map: str | None = field(default=None, metadata={"help": "e.g. auto: offload a model larger than memory"})
     trust_remote_code: bool = False
-    cache_dir: str | None = field(default=None, metadata={"help": "activation cache (default: $DECCP_CACHE/activations)"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "cache of the unedited model's activations and answers (default: $DECCP_CACHE/activations)"})
 
     # prompt sets (sources: ours:<kind>:<split>, .txt/.jsonl/.csv/.parquet files, save_to_disk dirs, Hub ids)
     bad_prompts: list[str] = field(default_factory=lambda: ["ours:sensitive:train"])

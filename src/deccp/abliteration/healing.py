@@ -13,8 +13,9 @@ teacher per prompt kind, so that it cannot simply learn the removed refusals bac
   (`heal_texts`): general language modelling, which the edit also perturbs and capability probes measure.
 
 Targets are each teacher's top-k next-token log-probabilities, plus the rest of the mass in one bucket, along
-the teacher's own greedy answer prefix. They are computed once before training, so one copy of the model
-is held. The result is a set of low-rank deltas that the streamed edit adds to the edited weights.
+the teacher's own greedy answer prefix, taken from the very pass that generates that prefix. They are computed
+once before training, so one copy of the model is held. The result is a set of low-rank deltas that the
+streamed edit adds to the edited weights.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TypeVar
 import torch
 
 from deccp import DeccpError
+from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
 
@@ -66,16 +68,6 @@ def _log_rest(top_logp: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(total))
 
 
-def _sequences(tokenizer, items: list[tuple[Prompt, str]], system: str | None) -> list[tuple[list[int], int]]:
-    out = []
-    for p, answer in items:
-        pid = tokenizer(render_prompt(tokenizer, p.text, system), add_special_tokens=False)["input_ids"]
-        aid = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if aid:
-            out.append((pid + aid, len(pid)))
-    return out
-
-
 def _batch(seqs: list[tuple[list[int], int]], pad_id: int, device):
     """Left-padded ids, attention mask, the number of last positions whose logits are needed, and the mask of
     those positions that predict an answer token (answers end at the right edge, so the last few suffice)."""
@@ -108,12 +100,67 @@ def _targets(model, seqs: list[tuple[list[int], int]], kind: str, *, top_k: int,
     return out
 
 
-def teacher_targets(model, tokenizer, kind: str, items: list[tuple[Prompt, str]], *, top_k: int, batch_size: int,
-                    system: str | None = None) -> list[HealExample]:
-    """Run the model as it is now (the caller sets the teacher: original, or with the edit live) over each
-    prompt + answer prefix and keep its top-k next-token log-probabilities at the answer positions."""
-    return _targets(model, _sequences(tokenizer, items, system), kind, top_k=top_k, batch_size=batch_size,
-                    pad_id=tokenizer.pad_token_id)
+@torch.no_grad()
+def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answer_tokens: int, top_k: int,
+                    batch_size: int, system: str | None = None) -> tuple[list[str], list[HealExample]]:
+    """The model's greedy answers of up to `answer_tokens` tokens, as it is now (the caller sets the teacher:
+    original, or with the edit live), and from the same pass its top-k next-token log-probabilities at each
+    answer position. The targets follow the generated token ids themselves (up to and including an end-of-turn
+    token), so no second forward pass and no re-tokenization of the decoded text is needed.
+
+    Returns the answer texts (stripped, special tokens dropped, as `short_answers` gives them) and one example
+    per prompt, both in the order of `prompts`."""
+    from deccp.chat import encode_batch
+    from deccp.generation import stop_token_ids
+
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    texts: list[str] = [""] * len(prompts)
+    examples: list[HealExample | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text), reverse=True)  # less padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = encode_batch(tokenizer, [prompts[i].text for i in idx], system, device=device)
+        out = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                             return_dict_in_generate=True)
+        width = batch["input_ids"].shape[1]
+        logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab): raw, before any logits processor
+        for row, i in enumerate(idx):
+            new = out.sequences[row, width:].tolist()
+            n = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
+            prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+            logp = logits[row, :n].float().log_softmax(-1)
+            val, top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+            examples[i] = HealExample(kind, prompt_ids + new[:n], len(prompt_ids), top.cpu(), val.cpu(),
+                                      _log_rest(val).cpu())
+            texts[i] = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+    return texts, [e for e in examples if e is not None]
+
+
+def cached_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: str, prompts: list[Prompt], *,
+                           answer_tokens: int, top_k: int, batch_size: int,
+                           system: str | None = None) -> tuple[list[str], list[HealExample]]:
+    """`teacher_answers` of the unedited model, through `cache` (None: always computed)."""
+    kw = dict(answer_tokens=answer_tokens, top_k=top_k, batch_size=batch_size, system=system)
+    if cache is None or not prompts:
+        return teacher_answers(model, tokenizer, kind, prompts, **kw)
+
+    def compute():
+        texts, examples = teacher_answers(model, tokenizer, kind, prompts, **kw)
+        tensors = {name: torch.cat([getattr(e, name) for e in examples]) for name in ("top_idx", "top_logp", "rest_logp")}
+        return tensors, {"texts": texts, "input_ids": [e.input_ids for e in examples],
+                         "n_prompt": [e.n_prompt for e in examples]}
+
+    key = [[render_prompt(tokenizer, p.text, system) for p in prompts], kind, answer_tokens, top_k, batch_size]
+    t, meta = cache.get_or_compute("heal-targets", key, compute)
+    examples, at = [], 0
+    for ids, n_prompt in zip(meta["input_ids"], meta["n_prompt"], strict=True):
+        n = len(ids) - n_prompt
+        examples.append(HealExample(kind, ids, n_prompt, t["top_idx"][at:at + n], t["top_logp"][at:at + n],
+                                    t["rest_logp"][at:at + n]))
+        at += n
+    return meta["texts"], examples
 
 
 def text_targets(model, tokenizer, texts: list[str], *, max_tokens: int, top_k: int,
@@ -242,6 +289,53 @@ class LowRankAdapters:
         return False
 
 
+MIN_SHARED_PREFIX = 8  # shorter common beginnings are run with the rest of each sequence
+
+
+def shared_prefix_length(examples: list[HealExample]) -> int:
+    """How many leading tokens every example shares (the chat template's system turn, typically), leaving each
+    at least its last prompt token (which predicts the first answer token) outside; 0 when that is fewer than
+    `MIN_SHARED_PREFIX`."""
+    first = examples[0].input_ids
+    n = min(e.n_prompt for e in examples) - 1
+    for e in examples[1:]:
+        n = next((k for k, (a, b) in enumerate(zip(first[:n], e.input_ids[:n], strict=True)) if a != b), n)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bool) -> list[torch.Tensor]:
+    """Each example's logits at the positions that predict its answer tokens, (n_answer, vocab) per example.
+
+    The beginning all examples share is run once and its keys and values are repeated over the batch (gradients
+    flow through them), so a step costs only the tokens that differ: Qwen2.5's default system turn is 24 of the
+    about 58 tokens of a healing sequence on the default model. Sequences are right-padded after it. `sliced`: project only the needed positions
+    onto the vocabulary (else all, then indexed: on CPU, backward through the sliced bf16 output was slower)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    prefix = shared_prefix_length(examples)
+    cache = None
+    if prefix:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([examples[0].input_ids[:prefix]], device=device), past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(examples))
+    tails = [e.input_ids[prefix:] for e in examples]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), prefix + width), dtype=torch.long)
+    pred = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, (e, t) in enumerate(zip(examples, tails, strict=True)):
+        ids[i, :len(t)] = torch.tensor(t)
+        att[i, :prefix + len(t)] = 1
+        pred[i, e.n_prompt - 1 - prefix:len(t) - 1] = True  # position t predicts token t + 1: the answer's tokens
+    ids, att, pred = ids.to(device), att.to(device), pred.to(device)
+    out = model(input_ids=ids, attention_mask=att, past_key_values=cache, use_cache=cache is not None,
+                logits_to_keep=pred if sliced else 0).logits
+    rows = out if sliced else out[pred]  # (positions of every example in order, vocab)
+    return list(rows.split(pred.sum(1).tolist()))
+
+
 def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, steps: int, lr: float, batch_size: int, seed: int,
           pad_id: int, first_token_weight: float = 1.0, log=print) -> list[float]:
     """Minimise the coarse KL to each example's teacher over the answer positions; returns the step losses.
@@ -268,12 +362,12 @@ def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, step
             order += fresh
         chosen = [examples[i] for i in order[:batch_size]]
         del order[:batch_size]
-        ids, att, keep, pred = _batch([(e.input_ids, e.n_prompt) for e in chosen], pad_id, device)
-        # all positions: backward through a sliced (logits_to_keep) bf16 output is several times slower on CPU
-        logits = model(input_ids=ids, attention_mask=att).logits[:, -keep:]
+        # float32: only the answer positions are projected onto the vocabulary (a step about 11 % faster on a 2-core
+        # CPU); bfloat16: all positions, since backward through a sliced bf16 output was several times slower on CPU
+        logits = answer_logits(model, chosen, pad_id=pad_id, sliced=next(model.parameters()).dtype == torch.float32)
         total = 0.0
-        for i, e in enumerate(chosen):
-            s = logits[i][pred[i]].float().log_softmax(-1)
+        for e, rows in zip(chosen, logits, strict=True):
+            s = rows.float().log_softmax(-1)
             kl = coarse_kl(s, e.top_idx.to(device), e.top_logp.to(device), e.rest_logp.to(device))
             w = torch.ones_like(kl)
             if e.kind != "text":  # plain texts have no answer start
@@ -309,35 +403,33 @@ def _balanced(items: list[_T], n: int) -> list[_T]:
 
 
 def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
-         log=print) -> HealResult:
-    """Targets from the original (harmless answered, harmful refused) and from the live edit (sensitive, harmless
-    refused), then LoRA training on top of the edit. Enters the edit and the adapters into `stack`: until it closes, the model
-    is the healed one (the caller measures it there); closing it restores the original exactly."""
+         log=print, cache: BaselineCache | None = None) -> HealResult:
+    """Targets from the original (harmless answered, harmful refused; through `cache`) and from the live edit
+    (sensitive, harmless refused), then LoRA training on top of the edit. Enters the edit and the adapters into
+    `stack`: until it closes, the model is the healed one (the caller measures it there); closing it restores
+    the original exactly."""
     from deccp.abliteration.edits import LiveEdit
-    from deccp.abliteration.scoring import short_answers
     from deccp.judges.refusal import is_refusal
     from deccp.models import release_memory
 
     t0 = time.time()
-    kw = dict(top_k=cfg.heal_top_k, batch_size=cfg.batch_size, system=cfg.system_prompt)
 
-    def answers(ps: list[Prompt]) -> list[str]:
-        texts, _ = short_answers(model, tokenizer, [p.text for p in ps], max_new_tokens=cfg.heal_answer_tokens,
-                                 batch_size=cfg.batch_size, system=cfg.system_prompt)
-        return texts
+    def answers(kind: str, ps: list[Prompt], cache: BaselineCache | None = None):
+        return cached_teacher_answers(cache, model, tokenizer, kind, ps, answer_tokens=cfg.heal_answer_tokens,
+                                      top_k=cfg.heal_top_k, batch_size=cfg.batch_size, system=cfg.system_prompt)
 
     examples: list[HealExample] = []
     counts: dict[str, int] = {}
     harmless = _balanced(prompts.get("harmless", []), cfg.heal_prompts)
-    harmless_answers = answers(harmless)
-    refused = [(p, is_refusal(t, p.lang)) for p, t in zip(harmless, harmless_answers, strict=True)]
-    kept = [(p, t) for (p, r), t in zip(refused, harmless_answers, strict=True) if not r]
-    examples += teacher_targets(model, tokenizer, "harmless", kept, **kw)
-    counts["harmless"] = len(kept)
+    texts, found = answers("harmless", harmless, cache)
+    refused = [(p, is_refusal(t, p.lang)) for p, t in zip(harmless, texts, strict=True)]
+    examples += [e for e, (_, r) in zip(found, refused, strict=True) if not r]
+    counts["harmless"] = sum(not r for _, r in refused)
     if cfg.heal_harmful:
         ps = _balanced(prompts.get("harmful", []), cfg.heal_prompts)
-        kept = [(p, t) for p, t in zip(ps, answers(ps), strict=True) if is_refusal(t, p.lang)]
-        examples += teacher_targets(model, tokenizer, "harmful", kept, **kw)
+        texts, found = answers("harmful", ps, cache)
+        kept = [e for e, p, t in zip(found, ps, texts, strict=True) if is_refusal(t, p.lang)]
+        examples += kept
         counts["harmful"] = len(kept)
     if cfg.heal_texts:
         texts = plain_texts(list(cfg.langs), cfg.heal_texts, cfg.seed)
@@ -348,7 +440,7 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     # sensitive prompts, and harmless prompts it refused (other countries' politics and history)
     ps = _balanced(prompts.get("sensitive", []), cfg.heal_prompts) + [p for p, r in refused if r]
     with LiveEdit(model, plan.scaled(cfg.heal_edit_scale)):
-        examples += teacher_targets(model, tokenizer, "edited", list(zip(ps, answers(ps), strict=True)), **kw)
+        examples += answers("edited", ps)[1]
     stack.enter_context(LiveEdit(model, plan))
     counts["sensitive"] = len(ps) - sum(r for _, r in refused)
     counts["harmless_refused"] = sum(r for _, r in refused)
@@ -366,5 +458,5 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0)
 
 
-__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "coarse_kl", "heal", "plain_texts",
-           "teacher_targets", "text_targets", "train"]
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "cached_teacher_answers", "coarse_kl", "heal",
+           "plain_texts", "teacher_answers", "text_targets", "train"]

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deccp import DeccpError, __version__
+from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.directions import ActivationCache, compute_directions, mean_set
 from deccp.abliteration.edits import Kernel, LiveEdit, check_architecture
 from deccp.abliteration.healing import HealResult, heal
 from deccp.abliteration.plan import EditParams, build_plan
-from deccp.abliteration.scoring import Measurement, PromptSets, Scorer, short_answers
+from deccp.abliteration.scoring import Measurement, PromptSets, Scorer, cached_short_answers
 from deccp.abliteration.search import candidate_layers, layer_sweep, optuna_search
 from deccp.abliteration.streaming import stream_edit
 from deccp.data.load import load_prompts
@@ -142,8 +143,9 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     log(f"model {src} ({model.config.model_type}, {model.config.num_hidden_layers} layers, {dtype}); "
         f"prompts: {len(bad)} sensitive, {len(good)} harmless, {len(harmful)} harmful for directions")
 
-    cache = ActivationCache(Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "activations",
-                            f"{fingerprint(src)}-{dtype}")
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "activations"
+    cache = ActivationCache(cache_root, f"{fingerprint(src)}-{dtype}")
+    unedited_cache = BaselineCache(cache_root, f"{fingerprint(src)}-{dtype}")
     acts, used = {}, {}
     for key, ps, want_refusal in (("bad", bad, True), ("good", good, False), ("harmful", harmful, True)):
         a, texts = cache.get_or_compute(model, tok, [p.text for p in ps], positions=cfg.positions,
@@ -165,7 +167,7 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     names = [n for n, _ in model.named_parameters()]
     scorer = Scorer(model, tok, PromptSets(bad_held, harmful_held, good_held), max_new_tokens=cfg.score_max_new_tokens,
                     batch_size=cfg.batch_size, system=cfg.system_prompt, kl_weight=cfg.kl_weight,
-                    harmful_weight=cfg.harmful_weight)
+                    harmful_weight=cfg.harmful_weight, cache=unedited_cache)
     log(f"unedited (held-back prompts): refusal {scorer.base.refusal}")
     search_info: dict = {}
     if cfg.search:
@@ -202,13 +204,14 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
         f"targeted {params.targeted} (coef {params.targeted_coef:.2f}), {len(plan.edits)} matrices")
 
     check: dict = {}
-    baseline = check_baseline(model, tok, check_sets, cfg) if check_sets is not None else None
+    baseline = check_baseline(model, tok, check_sets, cfg, unedited_cache) if check_sets is not None else None
     baseline_s = time.time() - t
     healed: HealResult | None = None
     with contextlib.ExitStack() as edited:  # while open, the model is the edited (and healed) one
         t = time.time()
         if cfg.heal:
-            healed = heal(model, tok, plan, edited, {"harmless": good, "harmful": harmful, "sensitive": bad}, cfg, log)
+            healed = heal(model, tok, plan, edited, {"harmless": good, "harmful": harmful, "sensitive": bad}, cfg, log,
+                          cache=unedited_cache)
             t = lap("healing", t)
         else:
             edited.enter_context(LiveEdit(model, plan))
@@ -246,6 +249,7 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
             "check": check,
             "stream": info,
             "timings_s": timings,
+            "unedited_cache_hits": unedited_cache.hits,  # the unedited model's answers reused from an earlier run
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "device": "cuda" if torch.cuda.is_available() else "cpu"},
         }
@@ -266,11 +270,12 @@ class CheckBaseline:
     capability: dict | None = None
 
 
-def check_baseline(model, tok, sets: PromptSets, cfg: AbliterationConfig) -> CheckBaseline:
+def check_baseline(model, tok, sets: PromptSets, cfg: AbliterationConfig,
+                   cache: BaselineCache | None = None) -> CheckBaseline:
     scorer = Scorer(model, tok, sets, max_new_tokens=cfg.check_max_new_tokens, batch_size=cfg.batch_size,
-                    system=cfg.system_prompt)
+                    system=cfg.system_prompt, cache=cache)
     picks = _example_prompts(sets.sensitive, cfg.examples)
-    answers = _example_answers(model, tok, picks, cfg)
+    answers = _example_answers(model, tok, picks, cfg, cache)
     return CheckBaseline(scorer, sets, picks, answers, _capability(model, tok, cfg))
 
 
@@ -297,11 +302,14 @@ def check_after(model, tok, baseline: CheckBaseline, cfg: AbliterationConfig) ->
     return out
 
 
-def _example_answers(model, tok, picks: list[Prompt], cfg: AbliterationConfig) -> list[str]:
+def _example_answers(model, tok, picks: list[Prompt], cfg: AbliterationConfig,
+                     cache: BaselineCache | None = None) -> list[str]:
+    """Answers to the example prompts; `cache` only for the unedited model."""
     if not picks:
         return []
-    texts, _ = short_answers(model, tok, [p.text for p in picks], max_new_tokens=cfg.example_max_new_tokens,
-                             batch_size=cfg.batch_size, system=cfg.system_prompt)
+    texts, _ = cached_short_answers(cache, model, tok, [p.text for p in picks],
+                                    max_new_tokens=cfg.example_max_new_tokens, batch_size=cfg.batch_size,
+                                    system=cfg.system_prompt)
     return texts
 
 

@@ -9,11 +9,13 @@ KL is the collateral damage on answers that should not change, and it is what ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from deccp.chat import encode_batch
+from deccp.abliteration.baseline_cache import BaselineCache
+from deccp.chat import encode_batch, render_prompt
 from deccp.data.schema import Prompt
 from deccp.judges.refusal import is_refusal
 from deccp.metrics import kl_per_position, rate_ci
@@ -64,6 +66,22 @@ def short_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     return texts, first
 
 
+def cached_short_answers(cache: BaselineCache | None, model, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                         batch_size: int, system: str | None = None) -> tuple[list[str], torch.Tensor]:
+    """`short_answers` of the unedited model, through `cache` (None: always computed)."""
+    def compute():
+        texts, first = short_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     system=system)
+        return {"first": first}, texts
+
+    if cache is None:
+        tensors, texts = compute()
+    else:
+        key = [[render_prompt(tokenizer, p, system) for p in prompts], max_new_tokens, batch_size]
+        tensors, texts = cache.get_or_compute("answers", key, compute)
+    return texts, tensors["first"]
+
+
 @dataclass
 class Measurement:
     refusal: dict[str, float]  # "sensitive/en", "sensitive/zh", "harmful", "harmless"
@@ -91,11 +109,13 @@ class Measurement:
 
 
 class Scorer:
-    """Measures the unedited model once, then any edit applied to it (live) against that baseline."""
+    """Measures the unedited model once (through `cache`, if given), then any edit applied to it (live) against
+    that baseline."""
 
     def __init__(self, model, tokenizer, sets: PromptSets, *, max_new_tokens: int, batch_size: int,
-                 system: str | None = None, kl_weight: float = 1.0, harmful_weight: float = 2.0):
-        self.model, self.tokenizer, self.sets = model, tokenizer, sets
+                 system: str | None = None, kl_weight: float = 1.0, harmful_weight: float = 2.0,
+                 cache: BaselineCache | None = None):
+        self.model, self.tokenizer, self.sets, self.cache = model, tokenizer, sets, cache
         self.max_new_tokens, self.batch_size, self.system = max_new_tokens, batch_size, system
         self.kl_weight, self.harmful_weight = kl_weight, harmful_weight
         self.ref_logp: torch.Tensor | None = None
@@ -109,8 +129,9 @@ class Scorer:
         groups["harmful"] = list(self.sets.harmful)
         groups["harmless"] = list(self.sets.harmless)
         all_prompts = [p for g in groups.values() for p in g]
-        texts, first = short_answers(self.model, self.tokenizer, [p.text for p in all_prompts],
-                                     max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, system=self.system)
+        answer = short_answers if self.ref_logp is not None else partial(cached_short_answers, self.cache)
+        texts, first = answer(self.model, self.tokenizer, [p.text for p in all_prompts],
+                              max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, system=self.system)
         refusal, counts, answers = {}, {}, {}
         i = 0
         harmless_rows, harmless_refused = None, []
