@@ -7,15 +7,13 @@ positions of each prompt's residual stream (after that layer). The pass is cache
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.chat import encode_batch
 
 logger = logging.getLogger(__name__)
@@ -100,36 +98,21 @@ class ActivationSet:
     count: int
 
 
-class ActivationCache:
-    """On-disk cache of per-prompt activations (safetensors), keyed by everything that changes them."""
-
-    def __init__(self, root: str | Path | None, fingerprint: str):
-        self.root = Path(root) if root else None
-        self.fingerprint = fingerprint
-
-    def key(self, prompts: list[str], positions, system, answer_tokens) -> str:
-        h = hashlib.sha256(json.dumps(["v2", self.fingerprint, prompts, list(positions), system, answer_tokens],
-                                      ensure_ascii=False).encode()).hexdigest()
-        return h[:20]
-
-    def get_or_compute(self, model, tokenizer, prompts, *, positions, batch_size, system, desc,
+def cached_activations(cache: BaselineCache | None, model, tokenizer, prompts: list[str], *, positions,
+                       batch_size: int, system: str | None, desc: str,
                        answer_tokens: int = 0) -> tuple[torch.Tensor, list[str]]:
-        from safetensors.torch import load_file, save_file
-
-        key = self.key(prompts, positions, system, answer_tokens)
-        path = self.root / f"acts-{key}.safetensors" if self.root else None
-        if path is not None and path.is_file():
-            texts = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-            return load_file(path)["acts"], texts
+    """`collect_activations` of the unedited model, through `cache` (None: always computed); keyed by the
+    prompts and everything else that changes the activations."""
+    def compute():
         acts, texts = collect_activations(model, tokenizer, prompts, positions=tuple(positions), batch_size=batch_size,
                                           system=system, desc=desc, answer_tokens=answer_tokens)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
-            tmp = path.with_suffix(".tmp")
-            save_file({"acts": acts.contiguous()}, str(tmp))
-            tmp.replace(path)  # written last: its presence means both files are complete
-        return acts, texts
+        return {"acts": acts}, texts
+
+    if cache is None:
+        tensors, texts = compute()
+    else:
+        tensors, texts = cache.get_or_compute("acts", [prompts, list(positions), system, answer_tokens], compute)
+    return tensors["acts"], texts
 
 
 def mean_set(acts: torch.Tensor, winsorize_quantile: float | None = None, position: int | None = None) -> ActivationSet:

@@ -14,7 +14,7 @@ from pathlib import Path
 from deccp import DeccpError, __version__
 from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.abliteration.config import AbliterationConfig
-from deccp.abliteration.directions import ActivationCache, compute_directions, mean_set
+from deccp.abliteration.directions import cached_activations, compute_directions, mean_set
 from deccp.abliteration.edits import Kernel, LiveEdit, check_architecture
 from deccp.abliteration.healing import HealResult, heal
 from deccp.abliteration.plan import EditParams, build_plan
@@ -143,14 +143,13 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     log(f"model {src} ({model.config.model_type}, {model.config.num_hidden_layers} layers, {dtype}); "
         f"prompts: {len(bad)} sensitive, {len(good)} harmless, {len(harmful)} harmful for directions")
 
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "activations"
-    cache = ActivationCache(cache_root, f"{fingerprint(src)}-{dtype}")
-    unedited_cache = BaselineCache(cache_root, f"{fingerprint(src)}-{dtype}")
+    unedited_cache = BaselineCache(Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "activations",
+                                   f"{fingerprint(src)}-{dtype}")
     acts, used = {}, {}
     for key, ps, want_refusal in (("bad", bad, True), ("good", good, False), ("harmful", harmful, True)):
-        a, texts = cache.get_or_compute(model, tok, [p.text for p in ps], positions=cfg.positions,
-                                        batch_size=cfg.batch_size, system=cfg.system_prompt, desc=f"{key} activations",
-                                        answer_tokens=cfg.answer_tokens if cfg.filter_by_behavior else 0)
+        a, texts = cached_activations(unedited_cache, model, tok, [p.text for p in ps], positions=cfg.positions,
+                                      batch_size=cfg.batch_size, system=cfg.system_prompt, desc=f"{key} activations",
+                                      answer_tokens=cfg.answer_tokens if cfg.filter_by_behavior else 0)
         acts[key], used[key] = behavior_subset(a, texts, ps, want_refusal, cfg)
     log("direction prompts used (by the model's own behaviour): " + ", ".join(f"{k} {v}" for k, v in used.items()))
     def directions_at(position: int | None):
@@ -249,7 +248,7 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
             "check": check,
             "stream": info,
             "timings_s": timings,
-            "unedited_cache_hits": unedited_cache.hits,  # the unedited model's answers reused from an earlier run
+            "unedited_cache_hits": unedited_cache.hits,  # activations and answers reused from an earlier run
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "device": "cuda" if torch.cuda.is_available() else "cpu"},
         }
