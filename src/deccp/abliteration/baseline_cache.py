@@ -59,4 +59,9 @@ class BaselineCache:
         return tensors, meta
 
 
-__all__ = ["BaselineCache"]
+def cached(cache: BaselineCache | None, what: str, key: list, compute: Callable[[], TensorsAndMeta]) -> TensorsAndMeta:
+    """`cache.get_or_compute(what, key, compute)`, or just `compute()` without a cache."""
+    return compute() if cache is None else cache.get_or_compute(what, key, compute)
+
+
+__all__ = ["BaselineCache", "cached"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from deccp.abliteration.baseline_cache import BaselineCache
+from deccp.abliteration.baseline_cache import BaselineCache, cached
 from deccp.chat import encode_batch
 
 logger = logging.getLogger(__name__)
@@ -108,10 +108,7 @@ def cached_activations(cache: BaselineCache | None, model, tokenizer, prompts: l
                                           system=system, desc=desc, answer_tokens=answer_tokens)
         return {"acts": acts}, texts
 
-    if cache is None:
-        tensors, texts = compute()
-    else:
-        tensors, texts = cache.get_or_compute("acts", [prompts, list(positions), system, answer_tokens], compute)
+    tensors, texts = cached(cache, "acts", [prompts, list(positions), system, answer_tokens], compute)
     return tensors["acts"], texts
 
 

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from deccp.abliteration.baseline_cache import BaselineCache
+from deccp.abliteration.baseline_cache import BaselineCache, cached
 from deccp.chat import encode_batch, render_prompt
 from deccp.data.schema import Prompt
 from deccp.judges.refusal import is_refusal
@@ -74,11 +74,8 @@ def cached_short_answers(cache: BaselineCache | None, model, tokenizer, prompts:
                                      system=system)
         return {"first": first}, texts
 
-    if cache is None:
-        tensors, texts = compute()
-    else:
-        key = [[render_prompt(tokenizer, p, system) for p in prompts], max_new_tokens, batch_size]
-        tensors, texts = cache.get_or_compute("answers", key, compute)
+    key = [[render_prompt(tokenizer, p, system) for p in prompts], max_new_tokens, batch_size]
+    tensors, texts = cached(cache, "answers", key, compute)
     return texts, tensors["first"]
 
 
