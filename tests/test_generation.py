@@ -7,9 +7,9 @@ import json
 
 import torch
 
-from deccp.chat import encode_batch
 from deccp.generation import GenerationCache, GenerationSettings, generate, generate_samples, stop_token_ids
 from deccp.models import load_model
+from deccp.prompt_batch import encode_prompts
 
 
 def test_finished_flag_follows_the_end_of_turn_token(tiny_model_dir, tmp_path):
@@ -21,9 +21,8 @@ def test_finished_flag_follows_the_end_of_turn_token(tiny_model_dir, tmp_path):
     assert stop_token_ids(model, tok) and all(not s.finished for row in first for s in row)
 
     # make the token it greedily says first an end-of-turn token: now every answer ends on its own
-    batch = encode_batch(tok, prompts)
     with torch.no_grad():
-        firsts = model(**batch).logits[:, -1].argmax(-1).tolist()
+        firsts = encode_prompts(tok, prompts).forward(model).logits[:, -1].argmax(-1).tolist()
     model.generation_config.eos_token_id = firsts
     cache = GenerationCache(tmp_path, "tiny", settings)
     ended = generate_samples(model, tok, prompts, settings, cache=cache, progress=False)

@@ -153,14 +153,14 @@ def test_teacher_answers_targets_are_the_teacher_forced_distribution_of_its_own_
     the same top-k log-probabilities a full forward pass over prompt + answer gives; an end-of-turn token ends
     the example (it is kept: stopping there is part of the teacher's behaviour)."""
     from deccp.abliteration.scoring import short_answers
-    from deccp.chat import encode_batch
+    from deccp.chat import render_prompt
 
     model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
     ps = [p for p in load_prompts("ours:harmless:train") if p.lang in ("en", "zh")][:5]
     texts, examples = teacher_answers(model, tok, "harmless", ps, answer_tokens=5, top_k=7, batch_size=3)
     assert texts == short_answers(model, tok, [p.text for p in ps], max_new_tokens=5, batch_size=3)[0]
     for p, e in zip(ps, examples, strict=True):
-        prompt_ids = encode_batch(tok, [p.text])["input_ids"][0].tolist()
+        prompt_ids = tok(render_prompt(tok, p.text), add_special_tokens=False)["input_ids"]
         assert e.kind == "harmless" and e.input_ids[:e.n_prompt] == prompt_ids and len(e.input_ids) == e.n_prompt + 5
         with torch.no_grad():
             logp = model(torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1].float().log_softmax(-1)

@@ -19,9 +19,3 @@ def render_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(build_messages(prompt, system), tokenize=False, add_generation_prompt=True,
                                          enable_thinking=False)
 
-
-def encode_batch(tokenizer, prompts: list[str], system: str | None = None, device=None):
-    """Left-padded token batch of chat-formatted prompts (special tokens come from the template)."""
-    texts = [render_prompt(tokenizer, p, system) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return batch.to(device) if device is not None else batch

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from deccp.chat import encode_batch
+from deccp.prompt_batch import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def generate_samples(model, tokenizer, prompts: list[str], settings: GenerationS
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, leave=False)
     for start in range(0, len(todo), settings.batch_size):
         chunk = todo[start:start + settings.batch_size]
-        batch = encode_batch(tokenizer, chunk, settings.system_prompt, device=device)
+        batch = encode_prompts(tokenizer, chunk, settings.system_prompt, device=device)
         kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                       num_return_sequences=n)
         if settings.do_sample:
@@ -127,8 +127,8 @@ def generate_samples(model, tokenizer, prompts: list[str], settings: GenerationS
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.no_grad():
-            out = model.generate(**batch, **kwargs)
-        new = out[:, batch["input_ids"].shape[1]:]
+            out = batch.generate(model, **kwargs)  # the prompts' common beginning runs once
+        new = out[:, batch.width:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         finished = [any(t in stops for t in row) for row in new.tolist()]
         samples = [Sample(t.strip(), f) for t, f in zip(texts, finished, strict=True)]

@@ -157,29 +157,27 @@ def _iter_reference(ref_model, tokenizer, prompts: Sequence[str], max_new_tokens
                     system: str | None) -> Iterator[ReferenceBatch]:
     import torch
 
-    from deccp.chat import encode_batch
+    from deccp.prompt_batch import encode_prompts
 
     if not prompts:
         raise DeccpError("KL: no prompts given")
     if max_new_tokens < 1:
         raise DeccpError(f"KL: max_new_tokens must be >= 1 (got {max_new_tokens})")
-    if tokenizer.padding_side != "left":
-        tokenizer.padding_side = "left"
     device = _device(ref_model)
     eos = _eos_ids(ref_model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
-        batch = encode_batch(tokenizer, chunk, system, device=device)
-        prompt_len = batch["input_ids"].shape[1]
+        batch = encode_prompts(tokenizer, chunk, system, device=device)
+        prompt_len = batch.width
         with torch.no_grad():
-            out = ref_model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                     top_p=None, top_k=None, pad_token_id=pad_id)
+            out = batch.generate(ref_model, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=pad_id)
         cont = out[:, prompt_len:]
         if cont.shape[1] == 0:
             raise DeccpError("KL: the reference model generated no tokens")
         cont_mask = _continuation_mask(cont, eos)
-        attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(cont)], dim=1)
+        attention_mask = torch.cat([batch.attention_mask, torch.ones_like(cont)], dim=1)
         logits = _forward_cont_logits(ref_model, out, attention_mask, prompt_len)
         yield ReferenceBatch(input_ids=out.cpu(), attention_mask=attention_mask.cpu(), prompt_len=prompt_len,
                              cont_mask=cont_mask.cpu(), logits=logits.cpu())

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deccp.abliteration.baseline_cache import BaselineCache, cached
-from deccp.chat import encode_batch
+from deccp.prompt_batch import can_share, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +58,19 @@ def collect_activations(model, tokenizer, prompts: list[str], *, positions: tupl
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
             idx = order[start:start + batch_size]
-            batch = encode_batch(tokenizer, [prompts[i] for i in idx], system, device=device)
+            # the positions read must lie after the shared prefix, which runs before the hooks are armed
+            batch = encode_prompts(tokenizer, [prompts[i] for i in idx], system, device=device,
+                                   keep=max(-p for p in pos))
+            cache = batch.cache(model) if can_share(model) else None
             buf[:] = [None] * len(layers)
             if answer_tokens > 0:
-                out = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False, temperature=None,
-                                     top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-                new = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False,
+                                     temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+                new = tokenizer.batch_decode(out[:, batch.width:], skip_special_tokens=True)
                 for j, t in zip(idx, new, strict=True):
                     texts[j] = t.strip()
             else:
-                model.model(**batch, use_cache=False)  # the base model only: no LM head over the vocabulary
+                batch.forward(model.model, cache=cache)  # the base model only: no LM head over the vocabulary
             chunks.append((idx, torch.stack(buf, dim=1)))
     finally:
         for h in handles:

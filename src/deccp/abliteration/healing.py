@@ -33,6 +33,7 @@ from deccp import DeccpError
 from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
+from deccp.prompt_batch import common_prefix_length, prefix_cache
 
 _T = TypeVar("_T")
 
@@ -110,8 +111,8 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
 
     Returns the answer texts (stripped, special tokens dropped, as `short_answers` gives them) and one example
     per prompt, both in the order of `prompts`."""
-    from deccp.chat import encode_batch
     from deccp.generation import stop_token_ids
+    from deccp.prompt_batch import encode_prompts
 
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
@@ -120,16 +121,16 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text), reverse=True)  # less padding
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = encode_batch(tokenizer, [prompts[i].text for i in idx], system, device=device)
-        out = model.generate(**batch, max_new_tokens=answer_tokens, do_sample=False, temperature=None, top_p=None,
+        batch = encode_prompts(tokenizer, [prompts[i].text for i in idx], system, device=device)
+        out = batch.generate(model, max_new_tokens=answer_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
                              return_dict_in_generate=True)
-        width = batch["input_ids"].shape[1]
+        width = batch.width
         logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab): raw, before any logits processor
         for row, i in enumerate(idx):
             new = out.sequences[row, width:].tolist()
             n = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
-            prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+            prompt_ids = batch.prompt_ids(row)
             logp = logits[row, :n].float().log_softmax(-1)
             val, top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
             examples[i] = HealExample(kind, prompt_ids + new[:n], len(prompt_ids), top.cpu(), val.cpu(),
@@ -289,18 +290,10 @@ class LowRankAdapters:
         return False
 
 
-MIN_SHARED_PREFIX = 8  # shorter common beginnings are run with the rest of each sequence
-
-
 def shared_prefix_length(examples: list[HealExample]) -> int:
     """How many leading tokens every example shares (the chat template's system turn, typically), leaving each
-    at least its last prompt token (which predicts the first answer token) outside; 0 when that is fewer than
-    `MIN_SHARED_PREFIX`."""
-    first = examples[0].input_ids
-    n = min(e.n_prompt for e in examples) - 1
-    for e in examples[1:]:
-        n = next((k for k, (a, b) in enumerate(zip(first[:n], e.input_ids[:n], strict=True)) if a != b), n)
-    return n if n >= MIN_SHARED_PREFIX else 0
+    at least its last prompt token (which predicts the first answer token) outside; 0 below `MIN_SHARED_PREFIX`."""
+    return common_prefix_length([e.input_ids for e in examples], min(e.n_prompt for e in examples) - 1)
 
 
 def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bool) -> list[torch.Tensor]:
@@ -310,16 +303,9 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
     flow through them), so a step costs only the tokens that differ: Qwen2.5's default system turn is 24 of the
     about 58 tokens of a healing sequence on the default model. Sequences are right-padded after it. `sliced`: project only the needed positions
     onto the vocabulary (else all, then indexed: on CPU, backward through the sliced bf16 output was slower)."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     prefix = shared_prefix_length(examples)
-    cache = None
-    if prefix:
-        cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([examples[0].input_ids[:prefix]], device=device), past_key_values=cache,
-              use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(len(examples))
+    cache = prefix_cache(model, examples[0].input_ids[:prefix], len(examples)) if prefix else None
     tails = [e.input_ids[prefix:] for e in examples]
     width = max(len(t) for t in tails)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

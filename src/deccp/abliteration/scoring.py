@@ -15,10 +15,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from deccp.abliteration.baseline_cache import BaselineCache, cached
-from deccp.chat import encode_batch, render_prompt
+from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
 from deccp.judges.refusal import is_refusal
 from deccp.metrics import kl_per_position, rate_ci
+from deccp.prompt_batch import encode_prompts
 
 
 @dataclass
@@ -50,12 +51,12 @@ def short_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = encode_batch(tokenizer, [prompts[i] for i in idx], system, device=device)
+        batch = encode_prompts(tokenizer, [prompts[i] for i in idx], system, device=device)
         grab = _FirstStepLogits()
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+        out = batch.generate(model, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id,
                              logits_processor=LogitsProcessorList([grab]))
-        new = out[:, batch["input_ids"].shape[1]:]
+        new = out[:, batch.width:]
         for j, t in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
             texts[j] = t.strip()
         logp = torch.log_softmax(grab.logits.float(), dim=-1).cpu()

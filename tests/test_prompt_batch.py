@@ -1,0 +1,97 @@
+"""Prompt batches whose common beginning runs once: each row computes what its own unpadded prompt would, in
+generation, in a decoder pass, and in the direction pass that reads activations at the end of each prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deccp.chat import render_prompt
+from deccp.models import load_model
+from deccp.prompt_batch import MIN_SHARED_PREFIX, common_prefix_length, encode_prompts
+
+SYSTEM = "You are a careful assistant. Answer the question in a few plain sentences, with facts."
+PROMPTS = ["What is the capital of France?", "Explain photosynthesis in simple terms, please.", "台湾的政治地位是什么？",
+           "Name three rivers."]
+
+
+def _ids(tok, prompt, system=SYSTEM):
+    return tok(render_prompt(tok, prompt, system), add_special_tokens=False)["input_ids"]
+
+
+def test_common_prefix_length():
+    head = list(range(100, 110))
+    assert common_prefix_length([head + [1, 2], head + [3], head + [1, 5, 6]]) == 10
+    assert common_prefix_length([head + [1, 2], head + [1, 3]]) == 11
+    assert common_prefix_length([head + [1, 2], head + [1, 3]], limit=9) == 9  # never more than the limit
+    assert common_prefix_length([head, head]) == 9  # each keeps at least its last token
+    assert common_prefix_length([head[:MIN_SHARED_PREFIX - 1] + [1], head[:MIN_SHARED_PREFIX - 1] + [2]]) == 0
+    assert common_prefix_length([head + [1], [0] + head]) == 0
+
+
+def test_layout_is_prefix_padding_tail(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    batch = encode_prompts(tok, PROMPTS, SYSTEM, keep=3)
+    ids = [_ids(tok, p) for p in PROMPTS]
+    assert batch.prefix_len == common_prefix_length(ids, min(len(s) for s in ids) - 3) >= MIN_SHARED_PREFIX
+    for row, s in enumerate(ids):
+        assert batch.prompt_ids(row) == s
+        assert batch.input_ids[row, :batch.prefix_len].tolist() == s[:batch.prefix_len]
+        assert batch.input_ids[row, batch.width - (len(s) - batch.prefix_len):].tolist() == s[batch.prefix_len:]
+        assert batch.attention_mask[row].sum() == len(s)
+    # the tiny chat template has no default system turn: "<|im_start|>user\n" alone is too short to share
+    assert encode_prompts(tok, PROMPTS).prefix_len == 0
+    assert encode_prompts(tok, PROMPTS, SYSTEM, share=False).prefix_len == 0
+
+
+def test_shared_generation_equals_plain_left_padded_generation(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    kw = dict(max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None,
+              pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+    shared, plain = encode_prompts(tok, PROMPTS, SYSTEM), encode_prompts(tok, PROMPTS, SYSTEM, share=False)
+    assert shared.prefix_len and not plain.prefix_len
+    with torch.no_grad():
+        a, b = shared.generate(model, **kw), plain.generate(model, **kw)
+        alone = [model(torch.tensor([_ids(tok, p)])).logits[0, -1] for p in PROMPTS]
+    assert torch.equal(a.sequences[:, shared.width:], b.sequences[:, plain.width:])
+    for step_a, step_b in zip(a.logits, b.logits, strict=True):
+        assert torch.allclose(step_a, step_b, atol=1e-4)
+    assert torch.allclose(a.logits[0], torch.stack(alone), atol=1e-4)  # the first step: each prompt run alone
+
+    # several samples per prompt: the prefix cache is repeated for every returned sequence
+    torch.manual_seed(0)
+    out = shared.generate(model, max_new_tokens=4, do_sample=True, num_return_sequences=3,
+                          pad_token_id=tok.pad_token_id)
+    assert out.shape == (3 * len(PROMPTS), shared.width + 4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decoder_pass_over_tails_matches_each_prompt_alone(tiny_model_dir, arch):
+    """The tails continue the prefix at the right positions (mask-derived position ids): dropping them would
+    shift every padded row's tail against its prefix, and this test would fail."""
+    model, tok = load_model(tiny_model_dir(arch), dtype="float32")
+    batch = encode_prompts(tok, PROMPTS, SYSTEM)
+    assert batch.attention_mask.sum(1).unique().numel() > 1  # rows of different lengths: padding in between
+    with torch.no_grad():
+        last = batch.forward(model.model, cache=batch.cache(model)).last_hidden_state[:, -1]
+        alone = torch.stack([model.model(torch.tensor([_ids(tok, p)])).last_hidden_state[0, -1] for p in PROMPTS])
+    assert torch.allclose(last, alone, atol=1e-4)
+
+
+def test_direction_pass_reads_the_end_of_each_prompt(tiny_model_dir):
+    """`collect_activations` runs the shared system turn once, before its hooks are armed, and still stores each
+    layer's residual stream at the last two positions of every prompt, as a hidden-states pass of it alone has."""
+    from deccp.abliteration.directions import collect_activations
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    embedded = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: embedded.append(args[0].numel()))
+    acts, _ = collect_activations(model, tok, PROMPTS, positions=(-2, -1), batch_size=4, system=SYSTEM)
+    hook.remove()
+    batch = encode_prompts(tok, PROMPTS, SYSTEM, keep=2)
+    assert batch.prefix_len and embedded == [batch.prefix_len, len(PROMPTS) * (batch.width - batch.prefix_len)]
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            hidden = model.model(torch.tensor([_ids(tok, p)]), output_hidden_states=True).hidden_states
+        for layer in range(model.config.num_hidden_layers - 1):  # the last entry of hidden_states is normed
+            assert torch.allclose(acts[i, layer], hidden[layer + 1][0, -2:], atol=1e-4)
