@@ -187,6 +187,24 @@ def test_recipe_parses_strictly(recipe, tmp_path):
         assert model_args.use_peft and model_args.merge
 
 
+@pytest.mark.parametrize("units", [True, False])
+def test_bf16_on_a_cpu_follows_its_bf16_units(tmp_path, monkeypatch, caplog, units):
+    """On a CPU-only machine `bf16: true` trains in bfloat16 only where the CPU computes it natively (AMX /
+    AVX512-BF16); elsewhere PyTorch would emulate it several times slower, so training falls back to float32."""
+    import deccp.models
+    from deccp.training import parse_args
+
+    monkeypatch.setattr(deccp.models, "accelerator_available", lambda: False)
+    monkeypatch.setattr(deccp.models, "cpu_has_bf16_units", lambda: units)
+    recipe = str(RECIPES / "tiny" / "sft.yaml")
+    model_args, _, args = parse_args("sft", ["--config", recipe, "--output_dir", str(tmp_path), "--bf16", "true",
+                                           "--dtype", "auto"])
+    assert args.bf16 is units and model_args.dtype == ("bfloat16" if units else "float32")
+    assert ("training in float32" in caplog.text) is not units
+    _, _, args = parse_args("sft", ["--config", recipe, "--output_dir", str(tmp_path), "--bf16", "false"])
+    assert args.bf16 is False
+
+
 def test_every_kind_has_recipes():
     names = {(p.parent.name, p.name) for p in TRAINING_RECIPES}
     for kind in ("sft", "dpo", "kto"):

@@ -362,10 +362,19 @@ def inference_dtype(name: str) -> str:
 
     if torch.cuda.is_available():
         return "bfloat16"
+    return "bfloat16" if cpu_has_bf16_units() else "float32"
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AMX / AVX512-BF16). Without them PyTorch
+    emulates bfloat16: on the AVX2-only development machine a 512 x 896 x 4864 product ran 7 times slower in
+    bfloat16 than in float32 (15 against 108 GFLOP/s)."""
+    import torch
+
     try:
-        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
-        return "float32"
+        return False
 
 
 def fingerprint(path: str | os.PathLike) -> str:

@@ -114,20 +114,30 @@ def trainer_class(kind: str):
     return {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
 
 
-def parse_args(kind: str, argv: list[str] | None = None):
-    """(model_args, data_args, training_args) from `--config RECIPE [--key value …]`, strictly checked."""
+def _parse(kind: str, argv: list[str]):
     from deccp.config import parse_config
-    from deccp.models import accelerator_available
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not accelerator_available() and "--use_cpu" not in argv:
-        argv += ["--use_cpu", "true"]  # TrainingArguments refuses bf16 without it on a CPU-only machine
     try:
-        model_args, data_args, training_args = parse_config([ModelArguments, DataArguments, config_class(kind)], argv)
+        return parse_config([ModelArguments, DataArguments, config_class(kind)], argv)
     except DeccpError:
         raise
     except ValueError as exc:  # a dataclass __post_init__ (TrainingArguments' checks)
         raise DeccpError(str(exc)) from None
+
+
+def parse_args(kind: str, argv: list[str] | None = None):
+    """(model_args, data_args, training_args) from `--config RECIPE [--key value …]`, strictly checked."""
+    from deccp.models import accelerator_available, cpu_has_bf16_units
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    on_cpu = not accelerator_available()
+    if on_cpu and "--use_cpu" not in argv:
+        argv += ["--use_cpu", "true"]  # TrainingArguments refuses bf16 without it on a CPU-only machine
+    model_args, data_args, training_args = _parse(kind, argv)
+    if on_cpu and training_args.bf16 and not cpu_has_bf16_units():
+        logger.warning("bf16: this CPU has no bfloat16 matrix units (AMX / AVX512-BF16), so PyTorch would emulate "
+                       "bfloat16 several times slower than float32; training in float32")
+        model_args, data_args, training_args = _parse(kind, [*argv, "--bf16", "false"])
     if model_args.dtype == "auto":  # follow the mixed-precision setting: bf16 training keeps bf16 weights
         model_args.dtype = ("bfloat16" if training_args.bf16 else "float16" if training_args.fp16
                             else dtype_name("auto"))
