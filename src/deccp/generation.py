@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from deccp.prompt_batch import encode_prompts
+from deccp.prompt_batch import PromptBatch, can_share, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,53 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+FIRST_CHUNK = 16  # tokens generated before the first check for finished answers; each later chunk doubles
+
+
+def generate_pruned(model, batch: PromptBatch, *, max_new_tokens: int, stops: set[int], copies: int = 1,
+                    first_chunk: int = FIRST_CHUNK, **kwargs) -> list[list[int]]:
+    """Each row's new token ids (`copies` rows per prompt, in order), up to and including its first stop token.
+
+    `generate` runs every row until the last one of the batch ends, and on a CPU a decoding step costs nearly as
+    much for a row that has ended as for one that has not. So generation goes in chunks (16, 32, 64… tokens);
+    after each, rows that have ended leave the batch and its cache (`batch_select_indices`), and the rest
+    continue from the cache: a batch of short refusals and one long answer stops paying for the refusals after
+    their chunk. Greedy rows get the tokens one `generate` call gives (up to float rounding of other batch
+    sizes); sampled rows draw from the same distributions, in another random order."""
+    import torch
+
+    rows = batch.input_ids.shape[0] * copies
+    answers: list[list[int]] = [[] for _ in range(rows)]
+    active = list(range(rows))  # answer index of each row of the current batch
+    ids = batch.input_ids
+    mask = batch.attention_mask.repeat_interleave(copies, dim=0)
+    cache = batch.cache(model, copies) if can_share(model) else None
+    if not can_share(model):  # a static or hybrid cache: no rows can leave it, so one call
+        first_chunk = max_new_tokens
+    done, chunk, first = 0, first_chunk, True
+    while active and done < max_new_tokens:
+        n = min(chunk, max_new_tokens - done)
+        extra = {"past_key_values": cache} if cache is not None else {}
+        out = model.generate(input_ids=ids, attention_mask=mask if not first else batch.attention_mask,
+                             max_new_tokens=n, num_return_sequences=copies if first else 1,
+                             return_dict_in_generate=True, **extra, **kwargs)
+        new = out.sequences[:, ids.shape[1]:]
+        keep = []
+        for r, row in enumerate(new.tolist()):
+            end = next((k + 1 for k, t in enumerate(row) if t in stops), None)
+            answers[active[r]] += row[:end]
+            if end is None:
+                keep.append(r)
+        done, chunk, first = done + new.shape[1], chunk * 2, False
+        if not keep or done >= max_new_tokens:
+            break
+        cache = out.past_key_values  # every token but the last generated one: the next call starts from it
+        cache.batch_select_indices(torch.tensor(keep, device=ids.device))
+        mask = torch.cat([mask, torch.ones_like(new)], dim=1)[keep]
+        ids, active = out.sequences[keep], [active[r] for r in keep]
+    return answers
+
+
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings | None = None, *,
              cache: GenerationCache | None = None, desc: str = "generating", progress: bool = True) -> list[list[str]]:
     """Answers for each prompt (a list of `num_samples` strings; one for greedy)."""
@@ -119,19 +166,17 @@ def generate_samples(model, tokenizer, prompts: list[str], settings: GenerationS
     for start in range(0, len(todo), settings.batch_size):
         chunk = todo[start:start + settings.batch_size]
         batch = encode_prompts(tokenizer, chunk, settings.system_prompt, device=device)
-        kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                      num_return_sequences=n)
+        kwargs = dict(pad_token_id=tokenizer.pad_token_id)
         if settings.do_sample:
             torch.manual_seed(settings.seed + start)
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.no_grad():
-            out = batch.generate(model, **kwargs)  # the prompts' common beginning runs once
-        new = out[:, batch.width:]
+            new = generate_pruned(model, batch, max_new_tokens=settings.max_new_tokens, stops=stops, copies=n,
+                                  **kwargs)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        finished = [any(t in stops for t in row) for row in new.tolist()]
-        samples = [Sample(t.strip(), f) for t, f in zip(texts, finished, strict=True)]
+        samples = [Sample(t.strip(), bool(row) and row[-1] in stops) for t, row in zip(texts, new, strict=True)]
         items = [(p, samples[i * n:(i + 1) * n]) for i, p in enumerate(chunk)]
         for p, a in items:
             results[p] = a
