@@ -217,6 +217,56 @@ def test_answer_logits_share_the_common_prefix_and_match_separate_forward_passes
     assert any(float(x.abs().max()) > 0 for x in g_shared)
 
 
+@pytest.mark.parametrize("with_text", [False, True])
+def test_detached_prompt_gives_the_same_logits_and_backpropagates_the_answer_only(tiny_model_dir, with_text):
+    """heal_detach_prompt: the batched logits equal each sequence run alone; the adapters' gradients equal those
+    of each sequence whose prompt (all but its last token) ran without gradients, and differ from the full ones."""
+    from transformers import DynamicCache
+
+    from deccp.abliteration.healing import HealExample, LowRankAdapters, answer_logits
+
+    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    head = list(range(20, 30))
+    tails = [([41, 42, 43], [7, 8]), ([51, 52, 53, 54, 55], [9, 10, 11, 12]), ([61, 62], [13])]
+    examples = [HealExample("harmless", head + p + a, len(head) + len(p), *_empty_targets(len(a))) for p, a in tails]
+    if with_text:  # no shared prefix then, and a row with no prompt body
+        examples.append(HealExample("text", [20, 21, 99, 98], 1, *_empty_targets(3)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"]) as ad:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for b in ad.B.values():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+
+        def grads(rows_of):
+            for q in ad.parameters():
+                q.grad = None
+            rows = rows_of()
+            sum(r.float().log_softmax(-1)[:, :50].sum() for r in rows).backward()
+            return rows, [q.grad.clone() for q in ad.parameters()]
+
+        def detached_alone():
+            out = []
+            for e in examples:
+                cache = DynamicCache(config=model.config)
+                if e.n_prompt > 1:
+                    with torch.no_grad():
+                        model(torch.tensor([e.input_ids[:e.n_prompt - 1]]), past_key_values=cache, use_cache=True)
+                out.append(model(torch.tensor([e.input_ids[e.n_prompt - 1:]]), past_key_values=cache,
+                                 use_cache=True).logits[0, :-1])
+            return out
+
+        batched, g_batched = grads(lambda: answer_logits(model, examples, pad_id=0, sliced=True, detach_prompt=True))
+        alone, g_alone = grads(detached_alone)
+        _, g_full = grads(lambda: [model(torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1] for e in examples])
+    for e, a, b in zip(examples, batched, alone, strict=True):
+        assert a.shape == (len(e.input_ids) - e.n_prompt, model.config.vocab_size)
+        assert torch.allclose(a, b, atol=1e-4)
+    assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_batched, g_alone, strict=True))
+    assert not all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_batched, g_full, strict=True))
+
+
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
                                          ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
                                          ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0)])

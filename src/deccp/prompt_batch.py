@@ -32,7 +32,7 @@ def common_prefix_length(seqs: list[list[int]], limit: int | None = None) -> int
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _decoder(model):
+def base_model_of(model):
     """The transformer without its LM head when there is one (filling a cache needs no logits)."""
     get = getattr(model, "get_decoder", None)
     inner = get() if callable(get) else None
@@ -46,7 +46,7 @@ def prefix_cache(model, prefix: list[int], rows: int):
 
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    _decoder(model)(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+    base_model_of(model)(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(rows)
     return cache
 

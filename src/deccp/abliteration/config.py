@@ -71,6 +71,9 @@ class AbliterationConfig:
     heal_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     heal_first_token_weight: float = field(default=4.0, metadata={
         "help": "weight of the first answer token (answer, refuse or switch language) against the later ones"})
+    heal_detach_prompt: bool = field(default=False, metadata={
+        "help": "backpropagate through the answer only (and the last prompt token): each step runs the prompt "
+                "forward without gradients, which makes it cheaper; the logits are the same"})
     heal_top_k: int = field(default=64, metadata={"help": "teacher tokens kept per position (the rest is one bucket)"})
     heal_texts: int = field(default=0, metadata={
         "help": "plain texts (our train-split gold answers, no chat template) on which the original's next-token "

@@ -296,13 +296,17 @@ def shared_prefix_length(examples: list[HealExample]) -> int:
     return common_prefix_length([e.input_ids for e in examples], min(e.n_prompt for e in examples) - 1)
 
 
-def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bool) -> list[torch.Tensor]:
+def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bool,
+                  detach_prompt: bool = False) -> list[torch.Tensor]:
     """Each example's logits at the positions that predict its answer tokens, (n_answer, vocab) per example.
 
     The beginning all examples share is run once and its keys and values are repeated over the batch (gradients
     flow through them), so a step costs only the tokens that differ: Qwen2.5's default system turn is 24 of the
-    about 58 tokens of a healing sequence on the default model. Sequences are right-padded after it. `sliced`: project only the needed positions
-    onto the vocabulary (else all, then indexed: on CPU, backward through the sliced bf16 output was slower)."""
+    about 58 tokens of a healing sequence on the default model. Sequences are right-padded after it. `sliced`:
+    project only the needed positions onto the vocabulary (else all, then indexed: on CPU, backward through the
+    sliced bf16 output was slower). `detach_prompt`: see `_detached_answer_logits`."""
+    if detach_prompt:
+        return _detached_answer_logits(model, examples, pad_id=pad_id, sliced=sliced)
     device = next(model.parameters()).device
     prefix = shared_prefix_length(examples)
     cache = prefix_cache(model, examples[0].input_ids[:prefix], len(examples)) if prefix else None
@@ -322,8 +326,50 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
     return list(rows.split(pred.sum(1).tolist()))
 
 
+def _detached_answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bool) -> list[torch.Tensor]:
+    """`answer_logits` with the prompts' keys and values computed without gradients: the same logits, but only
+    the last prompt token (which predicts the first answer token) and the answer tokens are backpropagated, so
+    a step costs a forward pass over the prompt and a forward and backward pass over the answer. The adapters'
+    effect on the prompt still shapes the logits; what it no longer receives is the gradient through it.
+
+    Layout: `[shared prefix | left padding | prompt body | last prompt token, answer | right padding]`, positions
+    from the cumulative mask."""
+    from transformers import DynamicCache
+
+    from deccp.prompt_batch import base_model_of
+
+    device = next(model.parameters()).device
+    prefix = shared_prefix_length(examples)
+    bodies = [e.input_ids[prefix:e.n_prompt - 1] for e in examples]
+    lives = [e.input_ids[e.n_prompt - 1:] for e in examples]
+    wb, wl, n = max(len(b) for b in bodies), max(len(x) for x in lives), len(examples)
+    ids = torch.full((n, prefix + wb + wl), pad_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    pred = torch.zeros((n, wl), dtype=torch.bool)
+    for i, (b, x) in enumerate(zip(bodies, lives, strict=True)):
+        ids[i, :prefix] = torch.tensor(examples[i].input_ids[:prefix], dtype=torch.long)
+        att[i, :prefix] = 1
+        if b:
+            ids[i, prefix + wb - len(b):prefix + wb] = torch.tensor(b)
+            att[i, prefix + wb - len(b):prefix + wb] = 1
+        ids[i, prefix + wb:prefix + wb + len(x)] = torch.tensor(x)
+        att[i, prefix + wb:prefix + wb + len(x)] = 1
+        pred[i, :len(x) - 1] = True  # position t predicts token t + 1: the answer's tokens
+    ids, att, pred = ids.to(device), att.to(device), pred.to(device)
+    pos = (att.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        cache = prefix_cache(model, examples[0].input_ids[:prefix], n) if prefix else DynamicCache(config=model.config)
+        if wb:
+            base_model_of(model)(input_ids=ids[:, prefix:prefix + wb], attention_mask=att[:, :prefix + wb],
+                            position_ids=pos[:, prefix:prefix + wb], past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids[:, prefix + wb:], attention_mask=att, position_ids=pos[:, prefix + wb:],
+                past_key_values=cache, use_cache=True, logits_to_keep=pred if sliced else 0).logits
+    rows = out if sliced else out[pred]
+    return list(rows.split(pred.sum(1).tolist()))
+
+
 def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, steps: int, lr: float, batch_size: int, seed: int,
-          pad_id: int, first_token_weight: float = 1.0, log=print) -> list[float]:
+          pad_id: int, first_token_weight: float = 1.0, detach_prompt: bool = False, log=print) -> list[float]:
     """Minimise the coarse KL to each example's teacher over the answer positions; returns the step losses.
 
     Each example counts equally (its positions are averaged); the first answer position, where the model
@@ -350,7 +396,8 @@ def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, step
         del order[:batch_size]
         # float32: only the answer positions are projected onto the vocabulary (a step about 11 % faster on a 2-core
         # CPU); bfloat16: all positions, since backward through a sliced bf16 output was several times slower on CPU
-        logits = answer_logits(model, chosen, pad_id=pad_id, sliced=next(model.parameters()).dtype == torch.float32)
+        logits = answer_logits(model, chosen, pad_id=pad_id, sliced=next(model.parameters()).dtype == torch.float32,
+                               detach_prompt=detach_prompt)
         total = 0.0
         for e, rows in zip(chosen, logits, strict=True):
             s = rows.float().log_softmax(-1)
@@ -438,7 +485,7 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
                                                    target_modules=cfg.heal_target_modules, seed=cfg.seed))
     losses = train(model, adapters, examples, steps=cfg.heal_steps, lr=cfg.heal_learning_rate,
                    batch_size=cfg.heal_batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
-                   first_token_weight=cfg.heal_first_token_weight, log=log)
+                   first_token_weight=cfg.heal_first_token_weight, detach_prompt=cfg.heal_detach_prompt, log=log)
     adapters.for_inference(next(model.parameters()).dtype)
     release_memory()  # training's buffers: keep them out of the later peaks
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0)
