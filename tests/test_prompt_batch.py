@@ -65,7 +65,7 @@ def test_shared_generation_equals_plain_left_padded_generation(tiny_model_dir):
     assert out.shape == (3 * len(PROMPTS), shared.width + 4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_decoder_pass_over_tails_matches_each_prompt_alone(tiny_model_dir, arch):
     """The tails continue the prefix at the right positions (mask-derived position ids): dropping them would
     shift every padded row's tail against its prefix, and this test would fail."""
