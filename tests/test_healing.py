@@ -178,27 +178,29 @@ def _empty_targets(n: int):
     return torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1), torch.zeros(n)
 
 
-@pytest.mark.parametrize("sliced", [True, False])
-def test_answer_logits_share_the_common_prefix_and_match_separate_forward_passes(tiny_model_dir, sliced):
-    """The shared beginning is run once for the batch; logits and the adapters' gradients equal those of each
-    sequence run alone, unpadded."""
-    from deccp.abliteration.healing import HealExample, LowRankAdapters, answer_logits, shared_prefix_length
+_HEAD = list(range(20, 30))  # a 10-token beginning every example shares (the system turn, in real use)
 
-    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
-    head = list(range(20, 30))  # a 10-token beginning every example shares (the system turn, in real use)
+
+def _prompt_examples():
+    from deccp.abliteration.healing import HealExample
+
     tails = [([41, 42, 43], [7, 8]), ([51, 52, 53, 54, 55], [9, 10, 11, 12]), ([61, 62], [13])]
-    examples = [HealExample("harmless", head + p + a, len(head) + len(p), *_empty_targets(len(a))) for p, a in tails]
-    assert shared_prefix_length(examples) == 10
-    text = HealExample("text", [20, 21, 99], 1, *_empty_targets(2))
-    assert shared_prefix_length([*examples, text]) == 0  # a plain text predicts from its first token on
-    assert shared_prefix_length([examples[0], HealExample("harmless", head[:5] + [1] * 9, 13, *_empty_targets(1))]) == 0
+    return [HealExample("harmless", _HEAD + p + a, len(_HEAD) + len(p), *_empty_targets(len(a))) for p, a in tails]
+
+
+@contextlib.contextmanager
+def _corrected_adapters(model):
+    """Adapters on a frozen model with a non-zero random correction (so A gets gradients too), and a function
+    giving (rows, adapter gradients) of a loss over the rows some forward returns."""
+    from deccp.abliteration.healing import LowRankAdapters
+
     for p in model.parameters():
         p.requires_grad_(False)
     with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"]) as ad:
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for b in ad.B.values():
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)  # a non-zero correction, so A gets gradients too
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
 
         def grads(rows_of):
             for q in ad.parameters():
@@ -207,6 +209,22 @@ def test_answer_logits_share_the_common_prefix_and_match_separate_forward_passes
             sum(r.float().log_softmax(-1)[:, :50].sum() for r in rows).backward()
             return rows, [q.grad.clone() for q in ad.parameters()]
 
+        yield grads
+
+
+@pytest.mark.parametrize("sliced", [True, False])
+def test_answer_logits_share_the_common_prefix_and_match_separate_forward_passes(tiny_model_dir, sliced):
+    """The shared beginning is run once for the batch; logits and the adapters' gradients equal those of each
+    sequence run alone, unpadded."""
+    from deccp.abliteration.healing import HealExample, answer_logits, shared_prefix_length
+
+    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    examples = _prompt_examples()
+    assert shared_prefix_length(examples) == 10
+    text = HealExample("text", [20, 21, 99], 1, *_empty_targets(2))
+    assert shared_prefix_length([*examples, text]) == 0  # a plain text predicts from its first token on
+    assert shared_prefix_length([examples[0], HealExample("harmless", _HEAD[:5] + [1] * 9, 13, *_empty_targets(1))]) == 0
+    with _corrected_adapters(model) as grads:
         shared, g_shared = grads(lambda: answer_logits(model, examples, pad_id=0, sliced=sliced))
         alone, g_alone = grads(lambda: [model(torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1]
                                         for e in examples])
@@ -223,29 +241,13 @@ def test_detached_prompt_gives_the_same_logits_and_backpropagates_the_answer_onl
     of each sequence whose prompt (all but its last token) ran without gradients, and differ from the full ones."""
     from transformers import DynamicCache
 
-    from deccp.abliteration.healing import HealExample, LowRankAdapters, answer_logits
+    from deccp.abliteration.healing import HealExample, answer_logits
 
     model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
-    head = list(range(20, 30))
-    tails = [([41, 42, 43], [7, 8]), ([51, 52, 53, 54, 55], [9, 10, 11, 12]), ([61, 62], [13])]
-    examples = [HealExample("harmless", head + p + a, len(head) + len(p), *_empty_targets(len(a))) for p, a in tails]
+    examples = _prompt_examples()
     if with_text:  # no shared prefix then, and a row with no prompt body
         examples.append(HealExample("text", [20, 21, 99, 98], 1, *_empty_targets(3)))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"]) as ad:
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for b in ad.B.values():
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-
-        def grads(rows_of):
-            for q in ad.parameters():
-                q.grad = None
-            rows = rows_of()
-            sum(r.float().log_softmax(-1)[:, :50].sum() for r in rows).backward()
-            return rows, [q.grad.clone() for q in ad.parameters()]
-
+    with _corrected_adapters(model) as grads:
         def detached_alone():
             out = []
             for e in examples:
