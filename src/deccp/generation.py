@@ -103,21 +103,13 @@ def generate_pruned(model, batch: PromptBatch, *, max_new_tokens: int, stops: se
     sizes); sampled rows draw from the same distributions, in another random order."""
     import torch
 
-    rows = batch.input_ids.shape[0] * copies
-    answers: list[list[int]] = [[] for _ in range(rows)]
-    active = list(range(rows))  # answer index of each row of the current batch
-    ids = batch.input_ids
-    mask = batch.attention_mask.repeat_interleave(copies, dim=0)
-    cache = batch.cache(model, copies) if can_share(model) else None
-    if not can_share(model):  # a static or hybrid cache: no rows can leave it, so one call
-        first_chunk = max_new_tokens
-    done, chunk, first = 0, first_chunk, True
-    while active and done < max_new_tokens:
-        n = min(chunk, max_new_tokens - done)
-        extra = {"past_key_values": cache} if cache is not None else {}
-        out = model.generate(input_ids=ids, attention_mask=mask if not first else batch.attention_mask,
-                             max_new_tokens=n, num_return_sequences=copies if first else 1,
-                             return_dict_in_generate=True, **extra, **kwargs)
+    answers: list[list[int]] = [[] for _ in range(batch.input_ids.shape[0] * copies)]
+    active = list(range(len(answers)))  # answer index of each row of the current batch
+    chunk = first_chunk if can_share(model) else max_new_tokens  # a static or hybrid cache keeps its rows: one call
+    n = min(chunk, max_new_tokens)
+    out = batch.generate(model, max_new_tokens=n, num_return_sequences=copies, return_dict_in_generate=True, **kwargs)
+    ids, mask, done = batch.input_ids, batch.attention_mask.repeat_interleave(copies, dim=0), 0
+    while True:
         new = out.sequences[:, ids.shape[1]:]
         keep = []
         for r, row in enumerate(new.tolist()):
@@ -125,14 +117,15 @@ def generate_pruned(model, batch: PromptBatch, *, max_new_tokens: int, stops: se
             answers[active[r]] += row[:end]
             if end is None:
                 keep.append(r)
-        done, chunk, first = done + new.shape[1], chunk * 2, False
+        done += new.shape[1]
         if not keep or done >= max_new_tokens:
-            break
+            return answers
         cache = out.past_key_values  # every token but the last generated one: the next call starts from it
         cache.batch_select_indices(torch.tensor(keep, device=ids.device))
         mask = torch.cat([mask, torch.ones_like(new)], dim=1)[keep]
-        ids, active = out.sequences[keep], [active[r] for r in keep]
-    return answers
+        ids, active, chunk = out.sequences[keep], [active[r] for r in keep], chunk * 2
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, return_dict_in_generate=True,
+                             max_new_tokens=min(chunk, max_new_tokens - done), **kwargs)
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings | None = None, *,
