@@ -141,7 +141,8 @@ def _continuation_mask(cont, eos_ids: set[int]):
 
 
 def _forward_cont_logits(model, input_ids, attention_mask, prompt_len: int):
-    """Logits predicting continuation tokens: positions P-1 .. P+T-2 of a teacher-forced forward pass."""
+    """Logits predicting continuation tokens: positions P-1 .. P+T-2 of a teacher-forced forward pass (only
+    those, and the last, are projected onto the vocabulary)."""
     import torch
 
     device = _device(model)
@@ -149,8 +150,9 @@ def _forward_cont_logits(model, input_ids, attention_mask, prompt_len: int):
     attention_mask = attention_mask.to(device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.logits[:, prompt_len - 1:-1, :].float()
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=input_ids.shape[1] - prompt_len + 1)
+    return out.logits[:, :-1, :].float()
 
 
 def _iter_reference(ref_model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
