@@ -108,17 +108,24 @@ def encode_prompts(tokenizer, prompts: list[str], system: str | None = None, dev
     tail); `share=False` left-pads the whole prompts."""
     ids = [tokenizer(render_prompt(tokenizer, p, system), add_special_tokens=False)["input_ids"] for p in prompts]
     prefix = common_prefix_length(ids, min(len(s) for s in ids) - keep) if share else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pack_prompts(ids, prefix, pad, device)
+
+
+def pack_prompts(ids: list[list[int]], prefix: int, pad_id: int, device=None) -> PromptBatch:
+    """Token sequences that share their first `prefix` tokens as a `PromptBatch` (a sequence may be all prefix:
+    its row of the tail is padding)."""
     tails = [s[prefix:] for s in ids]
     width = max(len(t) for t in tails)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(ids), prefix + width), pad, dtype=torch.long)
+    input_ids = torch.full((len(ids), prefix + width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), prefix + width), dtype=torch.long)
     if prefix:
         input_ids[:, :prefix] = torch.tensor(ids[0][:prefix])
         mask[:, :prefix] = 1
     for i, t in enumerate(tails):
-        input_ids[i, prefix + width - len(t):] = torch.tensor(t)
-        mask[i, prefix + width - len(t):] = 1
+        if t:
+            input_ids[i, prefix + width - len(t):] = torch.tensor(t)
+            mask[i, prefix + width - len(t):] = 1
     if device is not None:
         input_ids, mask = input_ids.to(device), mask.to(device)
     return PromptBatch(input_ids, mask, prefix)

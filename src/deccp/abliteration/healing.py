@@ -33,7 +33,7 @@ from deccp import DeccpError
 from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
-from deccp.prompt_batch import common_prefix_length, prefix_cache
+from deccp.prompt_batch import common_prefix_length
 
 _T = TypeVar("_T")
 
@@ -300,71 +300,38 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
                   detach_prompt: bool = False) -> list[torch.Tensor]:
     """Each example's logits at the positions that predict its answer tokens, (n_answer, vocab) per example.
 
-    The beginning all examples share is run once and its keys and values are repeated over the batch (gradients
-    flow through them), so a step costs only the tokens that differ: Qwen2.5's default system turn is 24 of the
-    about 58 tokens of a healing sequence on the default model. Sequences are right-padded after it. `sliced`:
-    project only the needed positions onto the vocabulary (else all, then indexed: on CPU, backward through the
-    sliced bf16 output was slower). `detach_prompt`: see `_detached_answer_logits`."""
-    if detach_prompt:
-        return _detached_answer_logits(model, examples, pad_id=pad_id, sliced=sliced)
-    device = next(model.parameters()).device
-    prefix = shared_prefix_length(examples)
-    cache = prefix_cache(model, examples[0].input_ids[:prefix], len(examples)) if prefix else None
-    tails = [e.input_ids[prefix:] for e in examples]
-    width = max(len(t) for t in tails)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(examples), prefix + width), dtype=torch.long)
-    pred = torch.zeros((len(examples), width), dtype=torch.bool)
-    for i, (e, t) in enumerate(zip(examples, tails, strict=True)):
-        ids[i, :len(t)] = torch.tensor(t)
-        att[i, :prefix + len(t)] = 1
-        pred[i, e.n_prompt - 1 - prefix:len(t) - 1] = True  # position t predicts token t + 1: the answer's tokens
-    ids, att, pred = ids.to(device), att.to(device), pred.to(device)
-    out = model(input_ids=ids, attention_mask=att, past_key_values=cache, use_cache=cache is not None,
-                logits_to_keep=pred if sliced else 0).logits
-    rows = out if sliced else out[pred]  # (positions of every example in order, vocab)
-    return list(rows.split(pred.sum(1).tolist()))
-
-
-def _detached_answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bool) -> list[torch.Tensor]:
-    """`answer_logits` with the prompts' keys and values computed without gradients: the same logits, but only
-    the last prompt token (which predicts the first answer token) and the answer tokens are backpropagated, so
-    a step costs a forward pass over the prompt and a forward and backward pass over the answer. The adapters'
-    effect on the prompt still shapes the logits; what it no longer receives is the gradient through it.
-
-    Layout: `[shared prefix | left padding | prompt body | last prompt token, answer | right padding]`, positions
-    from the cumulative mask."""
+    Layout `[shared prefix | left padding | prompt | last prompt token, answer | right padding]`, positions from
+    the cumulative mask. The beginning all examples share is run once and its keys and values are repeated over
+    the batch, so a step costs only the tokens that differ: Qwen2.5's default system turn is 24 of the about 58
+    tokens of a healing sequence on the default model. The prompts run first, filling the cache; then the last
+    prompt token (which predicts the first answer token) and the answer. `detach_prompt`: the prompts run without
+    gradients (same logits; only the answer part is backpropagated, so a step costs a forward pass over the
+    prompt and a forward and backward pass over the answer). `sliced`: project only the needed positions onto
+    the vocabulary (else all, then indexed: on CPU, backward through the sliced bf16 output was slower)."""
     from transformers import DynamicCache
 
-    from deccp.prompt_batch import base_model_of
+    from deccp.prompt_batch import base_model_of, pack_prompts
 
     device = next(model.parameters()).device
-    prefix = shared_prefix_length(examples)
-    bodies = [e.input_ids[prefix:e.n_prompt - 1] for e in examples]
-    lives = [e.input_ids[e.n_prompt - 1:] for e in examples]
-    wb, wl, n = max(len(b) for b in bodies), max(len(x) for x in lives), len(examples)
-    ids = torch.full((n, prefix + wb + wl), pad_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    pred = torch.zeros((n, wl), dtype=torch.bool)
-    for i, (b, x) in enumerate(zip(bodies, lives, strict=True)):
-        ids[i, :prefix] = torch.tensor(examples[i].input_ids[:prefix], dtype=torch.long)
-        att[i, :prefix] = 1
-        if b:
-            ids[i, prefix + wb - len(b):prefix + wb] = torch.tensor(b)
-            att[i, prefix + wb - len(b):prefix + wb] = 1
-        ids[i, prefix + wb:prefix + wb + len(x)] = torch.tensor(x)
-        att[i, prefix + wb:prefix + wb + len(x)] = 1
-        pred[i, :len(x) - 1] = True  # position t predicts token t + 1: the answer's tokens
-    ids, att, pred = ids.to(device), att.to(device), pred.to(device)
-    pos = (att.cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        cache = prefix_cache(model, examples[0].input_ids[:prefix], n) if prefix else DynamicCache(config=model.config)
-        if wb:
-            base_model_of(model)(input_ids=ids[:, prefix:prefix + wb], attention_mask=att[:, :prefix + wb],
-                            position_ids=pos[:, prefix:prefix + wb], past_key_values=cache, use_cache=True)
-    out = model(input_ids=ids[:, prefix + wb:], attention_mask=att, position_ids=pos[:, prefix + wb:],
+    prompts = pack_prompts([e.input_ids[:e.n_prompt - 1] for e in examples], shared_prefix_length(examples), pad_id,
+                           device)
+    answers = [e.input_ids[e.n_prompt - 1:] for e in examples]
+    width = max(len(a) for a in answers)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros_like(ids)
+    pred = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, a in enumerate(answers):
+        ids[i, :len(a)], tail_mask[i, :len(a)] = torch.tensor(a), 1
+        pred[i, :len(a) - 1] = True  # position t predicts token t + 1: the answer's tokens
+    ids, pred = ids.to(device), pred.to(device)
+    att = torch.cat([prompts.attention_mask, tail_mask.to(device)], dim=1)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_prompt):
+        cache = prompts.cache(model) if prompts.prefix_len else DynamicCache(config=model.config)
+        if prompts.width > prompts.prefix_len:
+            prompts.forward(base_model_of(model), cache=cache)
+    out = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0)[:, prompts.width:],
                 past_key_values=cache, use_cache=True, logits_to_keep=pred if sliced else 0).logits
-    rows = out if sliced else out[pred]
+    rows = out if sliced else out[pred]  # (positions of every example in order, vocab)
     return list(rows.split(pred.sum(1).tolist()))
 
 
