@@ -303,9 +303,9 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
     Layout `[shared prefix | left padding | prompt | last prompt token, answer | right padding]`, positions from
     the cumulative mask. The beginning all examples share is run once and its keys and values are repeated over
     the batch, so a step costs only the tokens that differ: Qwen2.5's default system turn is 24 of the about 58
-    tokens of a healing sequence on the default model. The prompts run first, filling the cache; then the last
-    prompt token (which predicts the first answer token) and the answer. `detach_prompt`: the prompts run without
-    gradients (same logits; only the answer part is backpropagated, so a step costs a forward pass over the
+    tokens of a healing sequence on the default model. `detach_prompt`: the prompts run first, without
+    gradients, filling the cache, and then the last prompt token (which predicts the first answer token) and the
+    answer (same logits; only the answer part is backpropagated, so a step costs a forward pass over the
     prompt and a forward and backward pass over the answer). `sliced`: project only the needed positions onto
     the vocabulary (else all, then indexed: on CPU, backward through the sliced bf16 output was slower)."""
     from transformers import DynamicCache
@@ -327,9 +327,12 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
     att = torch.cat([prompts.attention_mask, tail_mask.to(device)], dim=1)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_prompt):
         cache = prompts.cache(model) if prompts.prefix_len else DynamicCache(config=model.config)
-        if prompts.width > prompts.prefix_len:
+        if detach_prompt and prompts.width > prompts.prefix_len:
             prompts.forward(base_model_of(model), cache=cache)
-    out = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0)[:, prompts.width:],
+    start = prompts.width if detach_prompt else prompts.prefix_len  # with gradients: prompt and answer in one pass
+    ids = torch.cat([prompts.input_ids[:, start:], ids], dim=1)
+    pred = torch.cat([torch.zeros_like(prompts.attention_mask[:, start:], dtype=torch.bool), pred], dim=1)
+    out = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0)[:, start:],
                 past_key_values=cache, use_cache=True, logits_to_keep=pred if sliced else 0).logits
     rows = out if sliced else out[pred]  # (positions of every example in order, vocab)
     return list(rows.split(pred.sum(1).tolist()))
