@@ -174,3 +174,22 @@ def test_scorer_keeps_kl_on_answered_harmless_prompts_apart(tiny_model_dir, monk
     assert m.kl_answered == pytest.approx(float(per_row[1:].mean()), rel=1e-4)
     assert m.damage_kl == m.kl_answered and m.kl_answered != pytest.approx(m.kl)
     assert m.to_dict()["kl_first_token_answered"] == round(m.kl_answered, 5)
+
+
+def test_held_back_questions_stay_out_of_directions_and_healing_in_every_language():
+    """The held-back prompts (and their translations) are in neither the direction set nor the healing pool; the
+    direction set is the start of the healing pool in each language, and the pool is the rest of the split."""
+    from deccp.abliteration.run import not_held_back, split_holdout
+    from deccp.data.load import load_prompts
+
+    ps = [p for p in load_prompts("ours:sensitive:train") if p.lang in ("en", "zh")]
+    chosen, held = split_holdout(ps, 8, 40, seed=0)
+    pool = not_held_back(ps, held, seed=0)
+    held_qids = {p.qid for p in held}
+    assert len(held) == 16 and all(q for q in held_qids)
+    assert not {p.qid for p in pool} & held_qids and not {p.qid for p in chosen} & held_qids
+    for lang in ("en", "zh"):
+        first = [p for p in pool if p.lang == lang]
+        assert [p for p in chosen if p.lang == lang] == first[:20]
+        assert len(first) > 20
+    assert len(pool) + len(held) + sum(p.qid in held_qids and p not in held for p in ps) == len(ps)

@@ -271,7 +271,8 @@ def test_detached_prompt_gives_the_same_logits_and_backpropagates_the_answer_onl
 
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
                                          ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
-                                         ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0)])
+                                         ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0),
+                                         ("heal_layers", "upper"), ("heal_harmful_weight", 0.0)])
 def test_bad_healing_settings_are_rejected(field, value):
     with pytest.raises(DeccpError, match=field):
         AbliterationConfig(**{field: value})
@@ -339,3 +340,58 @@ def test_adapters_choose_modules_by_name_and_start_as_the_identity(tiny_model_di
     model.model.layers[0].mlp.down_proj.to("meta")  # what an offloading device_map leaves behind
     with pytest.raises(DeccpError, match="needs the model in memory"):
         LowRankAdapters(model, rank=2, alpha=4, target_modules=["down_proj"])
+
+
+def test_heal_layers_edited_puts_corrections_from_the_first_edited_layer_and_backward_stops_there(tiny_model_dir):
+    """`heal_layers: edited`: adapters only in the layers from the first one the edit changes; the layers below
+    run without a graph (nothing there needs a gradient), which is what makes such a step cheaper."""
+    from deccp.abliteration.healing import LowRankAdapters
+
+    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    n_layers = model.config.num_hidden_layers
+    assert n_layers >= 2
+    full = _plan(model)
+    upper = EditPlan([e for e in full.edits if f"layers.{n_layers - 1}." in e.name])
+    assert full.first_layer() == 0 and upper.first_layer() == n_layers - 1
+    embed = EditPlan([*upper.edits, ModuleEdit("model.embed_tokens.weight", upper.edits[0].direction, 1.0, False)])
+    assert embed.first_layer() == 0  # the embedding comes before every layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen: dict[int, bool] = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[0].requires_grad))
+             for i, layer in enumerate(model.model.layers)]
+    with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"], first_layer=upper.first_layer()) as ad:
+        assert ad.targets and all(f"layers.{n_layers - 1}." in n for n in ad.targets)
+        model(torch.tensor([[2, 4, 6, 8]])).logits.sum().backward()
+        assert all(p.grad is not None for p in ad.parameters())
+    for h in hooks:
+        h.remove()
+    assert seen == {i: i == n_layers - 1 for i in range(n_layers)}
+    with pytest.raises(DeccpError, match="in layers 99 and above"):
+        LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"], first_layer=99)
+
+
+def test_kind_weights_weigh_each_example_in_the_step_loss(tiny_model_dir):
+    """The step loss is the weighted mean of the examples' KLs: a refused harmful prompt at weight 3 counts three
+    times a harmless one (the first step's loss is taken before any update, against the adapters' zero start)."""
+    from deccp.abliteration.edits import LiveEdit
+    from deccp.abliteration.healing import LowRankAdapters, answer_logits, train
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    ps = [p for p in load_prompts("ours:harmless:train") if p.lang in ("en", "zh")][:4]
+    _, examples = teacher_answers(model, tok, "harmless", ps, answer_tokens=4, top_k=16, batch_size=4)
+    examples[1].kind = examples[3].kind = "harmful"
+    with LiveEdit(model, _plan(model)):
+        with torch.no_grad():
+            kls = [float(coarse_kl(r.float().log_softmax(-1), e.top_idx, e.top_logp, e.rest_logp).mean())
+                   for e, r in zip(examples, answer_logits(model, examples, pad_id=tok.pad_token_id, sliced=True),
+                                   strict=True)]
+        assert min(kls) > 0 and len({round(k, 6) for k in kls}) == 4
+
+        def first_loss(weights):
+            with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"]) as ad:
+                return train(model, ad, examples, steps=1, lr=1e-3, batch_size=4, seed=0, pad_id=tok.pad_token_id,
+                             kind_weights=weights, log=lambda *_: None)[0]
+
+        assert first_loss(None) == pytest.approx(sum(kls) / 4, rel=1e-4)
+        assert first_loss({"harmful": 3.0}) == pytest.approx((kls[0] + kls[2] + 3 * (kls[1] + kls[3])) / 8, rel=1e-4)

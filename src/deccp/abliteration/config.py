@@ -61,7 +61,10 @@ class AbliterationConfig:
     heal: bool = field(default=False, metadata={
         "help": "distil the original back on harmless and harmful prompts, the edited model on sensitive ones"})
     heal_harmful: bool = field(default=True, metadata={"help": "also distil the original's refusals of harmful prompts"})
-    heal_prompts: int = field(default=64, metadata={"help": "direction-set prompts per kind used for healing"})
+    heal_harmful_weight: float = field(default=1.0, metadata={
+        "help": "weight of each refused harmful prompt in the healing loss against the other examples' 1"})
+    heal_prompts: int = field(default=64, metadata={
+        "help": "prompts per kind used for healing, from the train prompts not held back (the direction set first)"})
     heal_answer_tokens: int = field(default=12, metadata={"help": "teacher answer prefix the targets follow"})
     heal_steps: int = 30
     heal_learning_rate: float = 1e-4
@@ -69,6 +72,9 @@ class AbliterationConfig:
     heal_rank: int = 8
     heal_alpha: float = 16.0
     heal_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    heal_layers: str = field(default="all", metadata={
+        "help": "decoder layers that get corrections: all, or edited (from the first layer the edit changes to the "
+                "last; the layers below it are then not backpropagated through, which makes a step cheaper)"})
     heal_first_token_weight: float = field(default=4.0, metadata={
         "help": "weight of the first answer token (answer, refuse or switch language) against the later ones"})
     heal_detach_prompt: bool = field(default=False, metadata={
@@ -136,8 +142,12 @@ class AbliterationConfig:
             problems.append("heal_edit_scale: greater than 0 and at most 3")
         if not self.heal_learning_rate > 0:
             problems.append("heal_learning_rate: greater than 0")
+        if not self.heal_harmful_weight > 0:
+            problems.append("heal_harmful_weight: greater than 0")
         if self.heal_first_token_weight < 0:
             problems.append("heal_first_token_weight: at least 0")
+        if self.heal_layers not in ("all", "edited"):
+            problems.append(f"heal_layers: all or edited, not {self.heal_layers!r}")
         if not self.heal_target_modules:
             problems.append("heal_target_modules: at least one module name, or [all-linear]")
         if self.check_split not in ("train", "eval"):

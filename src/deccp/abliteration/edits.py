@@ -26,6 +26,7 @@ TARGET_PATTERNS = {
     "mlp": re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj\.weight$"),
     "embed": re.compile(r"(?:^|\.)embed_tokens\.weight$"),
 }
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def check_architecture(config) -> None:
@@ -99,6 +100,11 @@ class EditPlan:
 
     def by_name(self) -> dict[str, ModuleEdit]:
         return {e.name: e for e in self.edits}
+
+    def first_layer(self) -> int:
+        """The lowest decoder layer the edit changes; 0 when it edits something outside the layers (the embedding)."""
+        layers = [int(m.group(1)) if (m := LAYER_INDEX.search(e.name)) else 0 for e in self.edits]
+        return min(layers, default=0)
 
     def summary(self) -> dict:
         return {"modules": len(self.edits), "untie_embeddings": self.untie_embeddings,

@@ -216,9 +216,10 @@ class LowRankAdapters:
     module's raw input (a pre-hook placed first) and is added after the edit's output hook, which makes the
     function `edit(W) + s B A`, the weight the streamed edit writes. Leaving the context removes every hook."""
 
-    def __init__(self, model, *, rank: int, alpha: float, target_modules: list[str], seed: int = 0):
+    def __init__(self, model, *, rank: int, alpha: float, target_modules: list[str], seed: int = 0,
+                 first_layer: int = 0):
         self.model, self.rank, self.scaling = model, rank, alpha / rank
-        self.targets = self._select(model, target_modules)
+        self.targets = self._select(model, target_modules, first_layer)
         gen = torch.Generator().manual_seed(seed)
         self.A: dict[str, torch.nn.Parameter] = {}
         self.B: dict[str, torch.nn.Parameter] = {}
@@ -237,15 +238,21 @@ class LowRankAdapters:
         self._dtype: torch.dtype | None = None  # None: float32 (training); else the cast used for inference
 
     @staticmethod
-    def _select(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+    def _select(model, target_modules: list[str], first_layer: int = 0) -> dict[str, torch.nn.Linear]:
+        """The linear modules named by `target_modules` (or every one but the output head), in decoder layers
+        `first_layer` and above (with no trainable module below it, backward stops there)."""
+        from deccp.abliteration.edits import LAYER_INDEX
+
         head = model.get_output_embeddings()
-        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+                   and ((k := LAYER_INDEX.search(n + ".")) is None or int(k.group(1)) >= first_layer)}
         if target_modules == ["all-linear"]:
             chosen = linears
         else:
             chosen = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in target_modules}
         if not chosen:
-            raise DeccpError(f"abliteration healing: no linear module matches heal_target_modules {target_modules}")
+            raise DeccpError(f"abliteration healing: no linear module matches heal_target_modules {target_modules}"
+                             + (f" in layers {first_layer} and above" if first_layer else ""))
         return chosen
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -339,11 +346,13 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
 
 
 def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, steps: int, lr: float, batch_size: int, seed: int,
-          pad_id: int, first_token_weight: float = 1.0, detach_prompt: bool = False, log=print) -> list[float]:
+          pad_id: int, first_token_weight: float = 1.0, kind_weights: dict[str, float] | None = None,
+          detach_prompt: bool = False, log=print) -> list[float]:
     """Minimise the coarse KL to each example's teacher over the answer positions; returns the step losses.
 
-    Each example counts equally (its positions are averaged); the first answer position, where the model
-    chooses between answering, refusing or switching language, weighs `first_token_weight` times the others."""
+    Each example counts equally (its positions are averaged), or `kind_weights[kind]` times (default 1); the first
+    answer position, where the model chooses between answering, refusing or switching language, weighs
+    `first_token_weight` times the others."""
     if not examples:
         raise DeccpError("abliteration healing: no examples (no harmless prompt answered, no sensitive prompt?)")
     device = next(model.parameters()).device
@@ -368,15 +377,16 @@ def train(model, adapters: LowRankAdapters, examples: list[HealExample], *, step
         # CPU); bfloat16: all positions, since backward through a sliced bf16 output was several times slower on CPU
         logits = answer_logits(model, chosen, pad_id=pad_id, sliced=next(model.parameters()).dtype == torch.float32,
                                detach_prompt=detach_prompt)
-        total = 0.0
+        total, mass = 0.0, 0.0
         for e, rows in zip(chosen, logits, strict=True):
             s = rows.float().log_softmax(-1)
             kl = coarse_kl(s, e.top_idx.to(device), e.top_logp.to(device), e.rest_logp.to(device))
             w = torch.ones_like(kl)
             if e.kind != "text":  # plain texts have no answer start
                 w[0] = first_token_weight
-            total = total + (kl * w).sum() / w.sum()
-        loss = total / len(chosen)
+            k = (kind_weights or {}).get(e.kind, 1.0)
+            total, mass = total + k * (kl * w).sum() / w.sum(), mass + k
+        loss = total / mass
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -451,11 +461,16 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
         if cfg.heal_harmful else "") + " prompts" + (f" and {counts['text']} plain texts" if cfg.heal_texts else "")
         + " follow the original; "
         f"{counts['sensitive']} sensitive and {counts['harmless_refused']} refused harmless prompts follow the edit")
+    first_layer = plan.first_layer() if cfg.heal_layers == "edited" else 0
     adapters = stack.enter_context(LowRankAdapters(model, rank=cfg.heal_rank, alpha=cfg.heal_alpha,
-                                                   target_modules=cfg.heal_target_modules, seed=cfg.seed))
+                                                   target_modules=cfg.heal_target_modules, seed=cfg.seed,
+                                                   first_layer=first_layer))
+    if first_layer:
+        log(f"healing: corrections in layers {first_layer} and above ({len(adapters.targets)} modules)")
     losses = train(model, adapters, examples, steps=cfg.heal_steps, lr=cfg.heal_learning_rate,
                    batch_size=cfg.heal_batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
-                   first_token_weight=cfg.heal_first_token_weight, detach_prompt=cfg.heal_detach_prompt, log=log)
+                   first_token_weight=cfg.heal_first_token_weight, kind_weights={"harmful": cfg.heal_harmful_weight},
+                   detach_prompt=cfg.heal_detach_prompt, log=log)
     adapters.for_inference(next(model.parameters()).dtype)
     release_memory()  # training's buffers: keep them out of the later peaks
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0)

@@ -51,21 +51,25 @@ def split_holdout(prompts: list[Prompt], per_lang: int, cap: int, seed: int) -> 
     by_lang: dict[str, list[Prompt]] = {}
     for p in _stable_order(prompts, seed):
         by_lang.setdefault(p.lang, []).append(p)
-    held_qids: set[str] = set()
     held: list[Prompt] = []
     for lang, ps in by_lang.items():
         for p in ps:
             if len([h for h in held if h.lang == lang]) >= per_lang:
                 break
             held.append(p)
-            if p.qid:
-                held_qids.add(p.qid)
-    rest = [p for p in _stable_order(prompts, seed) if p not in held and not (p.qid and p.qid in held_qids)]
+    rest = not_held_back(prompts, held, seed)
     per = max(1, cap // max(1, len(by_lang)))
     chosen: list[Prompt] = []
     for lang in by_lang:
         chosen.extend([p for p in rest if p.lang == lang][:per])
     return chosen, held
+
+
+def not_held_back(prompts: list[Prompt], held: list[Prompt], seed: int) -> list[Prompt]:
+    """Every prompt but the held-back ones and their translations (same qid), in the stable order: the direction
+    set is the first of them per language; healing may draw on all of them."""
+    held_qids = {p.qid for p in held if p.qid}
+    return [p for p in _stable_order(prompts, seed) if p not in held and not (p.qid and p.qid in held_qids)]
 
 
 def behavior_subset(acts, texts: list[str], prompts: list[Prompt], want_refusal: bool, cfg: AbliterationConfig):
@@ -209,8 +213,10 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     with contextlib.ExitStack() as edited:  # while open, the model is the edited (and healed) one
         t = time.time()
         if cfg.heal:
-            healed = heal(model, tok, plan, edited, {"harmless": good, "harmful": harmful, "sensitive": bad}, cfg, log,
-                          cache=unedited_cache)
+            heal_sets = {kind: not_held_back(every, held, cfg.seed) for kind, every, held in
+                         (("harmless", good_all, good_held), ("harmful", harmful_all, harmful_held),
+                          ("sensitive", bad_all, bad_held))}
+            healed = heal(model, tok, plan, edited, heal_sets, cfg, log, cache=unedited_cache)
             t = lap("healing", t)
         else:
             edited.enter_context(LiveEdit(model, plan))
