@@ -177,8 +177,8 @@ def test_scorer_keeps_kl_on_answered_harmless_prompts_apart(tiny_model_dir, monk
 
 
 def test_held_back_questions_stay_out_of_directions_and_healing_in_every_language():
-    """The held-back prompts (and their translations) are in neither the direction set nor the healing pool; the
-    direction set is the start of the healing pool in each language, and the pool is the rest of the split."""
+    """The held-back prompts (and their translations) are not in the direction set, which is the start, in each
+    language, of the rest of the split."""
     from deccp.abliteration.run import not_held_back, split_holdout
     from deccp.data.load import load_prompts
 

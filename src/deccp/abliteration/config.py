@@ -63,8 +63,7 @@ class AbliterationConfig:
     heal_harmful: bool = field(default=True, metadata={"help": "also distil the original's refusals of harmful prompts"})
     heal_harmful_weight: float = field(default=1.0, metadata={
         "help": "weight of each refused harmful prompt in the healing loss against the other examples' 1"})
-    heal_prompts: int = field(default=64, metadata={
-        "help": "prompts per kind used for healing, from the train prompts not held back (the direction set first)"})
+    heal_prompts: int = field(default=64, metadata={"help": "direction-set prompts per kind used for healing"})
     heal_answer_tokens: int = field(default=12, metadata={"help": "teacher answer prefix the targets follow"})
     heal_steps: int = 30
     heal_learning_rate: float = 1e-4

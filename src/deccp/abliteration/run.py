@@ -66,8 +66,8 @@ def split_holdout(prompts: list[Prompt], per_lang: int, cap: int, seed: int) -> 
 
 
 def not_held_back(prompts: list[Prompt], held: list[Prompt], seed: int) -> list[Prompt]:
-    """Every prompt but the held-back ones and their translations (same qid), in the stable order: the direction
-    set is the first of them per language; healing may draw on all of them."""
+    """Every prompt but the held-back ones and their translations (same qid), in the stable order; the direction
+    set is the first of them in each language."""
     held_qids = {p.qid for p in held if p.qid}
     return [p for p in _stable_order(prompts, seed) if p not in held and not (p.qid and p.qid in held_qids)]
 
@@ -213,10 +213,8 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     with contextlib.ExitStack() as edited:  # while open, the model is the edited (and healed) one
         t = time.time()
         if cfg.heal:
-            heal_sets = {kind: not_held_back(every, held, cfg.seed) for kind, every, held in
-                         (("harmless", good_all, good_held), ("harmful", harmful_all, harmful_held),
-                          ("sensitive", bad_all, bad_held))}
-            healed = heal(model, tok, plan, edited, heal_sets, cfg, log, cache=unedited_cache)
+            healed = heal(model, tok, plan, edited, {"harmless": good, "harmful": harmful, "sensitive": bad}, cfg, log,
+                          cache=unedited_cache)
             t = lap("healing", t)
         else:
             edited.enter_context(LiveEdit(model, plan))
