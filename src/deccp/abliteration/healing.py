@@ -245,7 +245,7 @@ class LowRankAdapters:
 
         head = model.get_output_embeddings()
         linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
-                   and ((k := LAYER_INDEX.search(n + ".")) is None or int(k.group(1)) >= first_layer)}
+                   and ((k := LAYER_INDEX.search(n)) is None or int(k.group(1)) >= first_layer)}
         if target_modules == ["all-linear"]:
             chosen = linears
         else:
