@@ -176,16 +176,16 @@ def test_scorer_keeps_kl_on_answered_harmless_prompts_apart(tiny_model_dir, monk
     assert m.to_dict()["kl_first_token_answered"] == round(m.kl_answered, 5)
 
 
-def test_held_back_questions_stay_out_of_directions_and_healing_in_every_language():
+def test_held_back_questions_stay_out_of_the_direction_set_in_every_language():
     """The held-back prompts (and their translations) are not in the direction set, which is the start, in each
     language, of the rest of the split."""
-    from deccp.abliteration.run import not_held_back, split_holdout
+    from deccp.abliteration.run import _stable_order, split_holdout
     from deccp.data.load import load_prompts
 
     ps = [p for p in load_prompts("ours:sensitive:train") if p.lang in ("en", "zh")]
     chosen, held = split_holdout(ps, 8, 40, seed=0)
-    pool = not_held_back(ps, held, seed=0)
     held_qids = {p.qid for p in held}
+    pool = [p for p in _stable_order(ps, 0) if p.qid not in held_qids]  # the rest of the split, in the same order
     assert len(held) == 16 and all(q for q in held_qids)
     assert not {p.qid for p in pool} & held_qids and not {p.qid for p in chosen} & held_qids
     for lang in ("en", "zh"):

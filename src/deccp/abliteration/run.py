@@ -51,25 +51,21 @@ def split_holdout(prompts: list[Prompt], per_lang: int, cap: int, seed: int) -> 
     by_lang: dict[str, list[Prompt]] = {}
     for p in _stable_order(prompts, seed):
         by_lang.setdefault(p.lang, []).append(p)
+    held_qids: set[str] = set()
     held: list[Prompt] = []
     for lang, ps in by_lang.items():
         for p in ps:
             if len([h for h in held if h.lang == lang]) >= per_lang:
                 break
             held.append(p)
-    rest = not_held_back(prompts, held, seed)
+            if p.qid:
+                held_qids.add(p.qid)
+    rest = [p for p in _stable_order(prompts, seed) if p not in held and not (p.qid and p.qid in held_qids)]
     per = max(1, cap // max(1, len(by_lang)))
     chosen: list[Prompt] = []
     for lang in by_lang:
         chosen.extend([p for p in rest if p.lang == lang][:per])
     return chosen, held
-
-
-def not_held_back(prompts: list[Prompt], held: list[Prompt], seed: int) -> list[Prompt]:
-    """Every prompt but the held-back ones and their translations (same qid), in the stable order; the direction
-    set is the first of them in each language."""
-    held_qids = {p.qid for p in held if p.qid}
-    return [p for p in _stable_order(prompts, seed) if p not in held and not (p.qid and p.qid in held_qids)]
 
 
 def behavior_subset(acts, texts: list[str], prompts: list[Prompt], want_refusal: bool, cfg: AbliterationConfig):
