@@ -189,14 +189,14 @@ def _prompt_examples():
 
 
 @contextlib.contextmanager
-def _corrected_adapters(model):
+def _corrected_adapters(model, first_layer: int = 0):
     """Adapters on a frozen model with a non-zero random correction (so A gets gradients too), and a function
     giving (rows, adapter gradients) of a loss over the rows some forward returns."""
     from deccp.abliteration.healing import LowRankAdapters
 
     for p in model.parameters():
         p.requires_grad_(False)
-    with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"]) as ad:
+    with LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"], first_layer=first_layer) as ad:
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for b in ad.B.values():
@@ -233,6 +233,51 @@ def test_answer_logits_share_the_common_prefix_and_match_separate_forward_passes
         assert torch.allclose(a, b, atol=1e-4)
     assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_shared, g_alone, strict=True))
     assert any(float(x.abs().max()) > 0 for x in g_shared)
+
+
+@pytest.mark.parametrize(("arch", "with_text"), [("qwen2", False), ("qwen2", True), ("qwen3", False), ("llama", False)])
+def test_cached_lower_layers_give_the_same_logits_and_gradients_without_running_those_layers(tiny_model_dir, arch,
+                                                                                            with_text):
+    """With the edit and the corrections from layer 2 on, the inputs of layer 2 are computed once per example
+    (`cache_lower_layers`) and each step runs layers 2 and above only: the logits and the adapters' gradients
+    equal those of the whole model, with or without a shared prefix; layers 0-1 do not run; the model comes back
+    whole."""
+    from deccp.abliteration.edits import LiveEdit
+    from deccp.abliteration.healing import HealExample, answer_logits, cache_lower_layers
+
+    model, _ = load_model(tiny_model_dir(arch), dtype="float32")
+    layers = list(model.model.layers)
+    plan = EditPlan([e for e in _plan(model).edits if int(e.name.split(".")[2]) >= 2])
+    assert plan.first_layer() == 2
+    examples = _prompt_examples()
+    if with_text:  # no shared prefix then
+        examples.append(HealExample("text", [20, 21, 99, 98], 1, *_empty_targets(3)))
+    ran: list[int] = []
+    counters = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    with LiveEdit(model, plan), _corrected_adapters(model, first_layer=2) as grads:
+        whole, g_whole = grads(lambda: answer_logits(model, examples, pad_id=0, sliced=True))
+        lower = cache_lower_layers(model, examples[::-1], 2, pad_id=0, batch_size=2)
+        assert lower.prefix_len == (0 if with_text else len(_HEAD))
+        assert all(e.lower.shape == (len(e.input_ids) - lower.prefix_len, model.config.hidden_size) for e in examples)
+        ran.clear()
+        cached, g_cached = grads(lambda: answer_logits(model, examples[1:] + examples[:1], pad_id=0, sliced=True,
+                                                       lower=lower))
+        cached = cached[-1:] + cached[:-1]
+        if not with_text:  # the shared prefix runs through every layer once (its keys and values)
+            assert ran.count(0) == 1 and ran.count(1) == 1
+        else:
+            assert 0 not in ran and 1 not in ran
+        with pytest.raises(DeccpError, match="do not combine"):
+            answer_logits(model, examples, pad_id=0, sliced=True, lower=lower, detach_prompt=True)
+    for h in counters:
+        h.remove()
+    assert list(model.model.layers) == layers
+    for e, a, b in zip(examples, whole, cached, strict=True):
+        assert a.shape == (len(e.input_ids) - e.n_prompt, model.config.vocab_size)
+        assert torch.allclose(a, b, atol=1e-4)
+    assert len(g_whole) == len(g_cached)
+    assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_whole, g_cached, strict=True))
+    assert any(float(x.abs().max()) > 0 for x in g_cached)
 
 
 @pytest.mark.parametrize("with_text", [False, True])

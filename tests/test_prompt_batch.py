@@ -95,3 +95,24 @@ def test_direction_pass_reads_the_end_of_each_prompt(tiny_model_dir):
             hidden = model.model(torch.tensor([_ids(tok, p)]), output_hidden_states=True).hidden_states
         for layer in range(model.config.num_hidden_layers - 1):  # the last entry of hidden_states is normed
             assert torch.allclose(acts[i, layer], hidden[layer + 1][0, -2:], atol=1e-4)
+
+
+def test_repeat_cache_serves_several_batches_and_leaves_the_source_as_it_was(tiny_model_dir):
+    """One prefix pass, repeated for two batches of different sizes: each continues it as a full pass would, and
+    the one-row source keeps its shape and values (batches extend copies, never the source)."""
+    from deccp.prompt_batch import prefix_cache, repeat_cache
+
+    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    prefix, tails = [5, 6, 7, 8, 9, 10, 11, 12], [[20, 21], [30, 31]]
+    shared = prefix_cache(model, prefix, 1)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in shared.layers]
+    with torch.no_grad():
+        for rows in (1, 2):
+            cache = repeat_cache(shared, rows)
+            got = model(torch.tensor(tails[:rows]), past_key_values=cache, use_cache=True).logits
+            want = model(torch.tensor([prefix + t for t in tails[:rows]])).logits[:, len(prefix):]
+            assert torch.allclose(got, want, atol=1e-5)
+            assert cache.get_seq_length() == len(prefix) + 2
+    for layer, (k, v) in zip(shared.layers, before, strict=True):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert shared.get_seq_length() == len(prefix)

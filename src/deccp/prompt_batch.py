@@ -51,6 +51,17 @@ def prefix_cache(model, prefix: list[int], rows: int):
     return cache
 
 
+def repeat_cache(cache, rows: int):
+    """A new cache holding `cache`'s keys and values (one row) repeated for `rows` rows; `cache` stays as it is,
+    so one prefix pass can serve several batches (and, in training, one graph)."""
+    import copy
+
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]  # each layer's tensors are replaced, never written
+    out.batch_repeat_interleave(rows)
+    return out
+
+
 def can_share(model) -> bool:
     """Whether `generate` accepts a pre-filled dynamic cache for this model (a configured static or hybrid cache
     implementation would conflict with it)."""
