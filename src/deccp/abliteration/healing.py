@@ -333,9 +333,10 @@ def cache_lower_layers(model, examples: list[HealExample], first: int, *, pad_id
         raise _Stop
 
     handle = decoder_layers(model)[first].register_forward_pre_hook(stop, with_kwargs=True)
+    by_length = sorted(examples, key=lambda e: len(e.input_ids))  # less padding
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+        for start in range(0, len(by_length), batch_size):
+            chunk = by_length[start:start + batch_size]
             batch = pack_prompts([e.input_ids for e in chunk], prefix, pad_id, device)
             cache = repeat_cache(shared, len(chunk)) if shared is not None else DynamicCache(config=model.config)
             with contextlib.suppress(_Stop):
