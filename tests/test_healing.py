@@ -12,7 +12,15 @@ import torch
 from deccp import DeccpError
 from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.edits import EditPlan, ModuleEdit
-from deccp.abliteration.healing import _balanced, coarse_kl, heal, plain_texts, teacher_answers, text_targets
+from deccp.abliteration.healing import (
+    _balanced,
+    answers_instead_of_refusals,
+    coarse_kl,
+    heal,
+    plain_texts,
+    teacher_answers,
+    text_targets,
+)
 from deccp.abliteration.run import run
 from deccp.abliteration.streaming import stream_edit
 from deccp.data.load import load_bundle, load_prompts
@@ -314,10 +322,93 @@ def test_detached_prompt_gives_the_same_logits_and_backpropagates_the_answer_onl
     assert not all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_batched, g_full, strict=True))
 
 
+def test_refused_teacher_answers_are_replaced_by_answers_from_the_next_likely_first_tokens(tiny_model_dir):
+    """A teacher answer the judge calls a refusal is answered again from the teacher's next most likely first
+    tokens: the replacement is the first of them not refused, greedy after its first token, with the first target
+    the teacher's distribution renormalised without the tokens ranked above it (so the same as asking again without
+    each refusal's first token in turn) and later targets the teacher's own; answers not refused are left alone,
+    and a prompt refused every time keeps its first answer."""
+    from deccp.chat import render_prompt
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    ps = [p for p in load_prompts("ours:sensitive:train") if p.lang in ("en", "zh")][:3]
+    kw = dict(answer_tokens=4, top_k=7, batch_size=2)
+    texts, examples = teacher_answers(model, tok, "edited", ps, **kw)
+
+    def from_rank(i: int, j: int) -> str:
+        ranked = examples[i].top_idx[0].tolist()
+        return teacher_answers(model, tok, "edited", [ps[i]], start_with=[(ranked[j], ranked[:j])], **kw)[0][0]
+
+    refusing = {texts[0], from_rank(0, 1), texts[2], from_rank(2, 1), from_rank(2, 2)}
+    assert from_rank(0, 2) not in refusing and texts[1] not in refusing  # the tiny model's answers differ enough
+    kept = list(examples)
+    got_texts, got = list(texts), list(examples)
+    counts = answers_instead_of_refusals(model, tok, ps, got_texts, got, alternatives=2,
+                                         is_refused=lambda t, lang: t in refusing, **kw)
+    assert counts == (2, 1)
+    assert got_texts == [from_rank(0, 2), texts[1], texts[2]] and got[1] is kept[1] and got[2] is kept[2]
+
+    e = got[0]  # checked against a plain forward pass over the prompt and the new answer
+    prompt_ids = tok(render_prompt(tok, ps[0].text), add_special_tokens=False)["input_ids"]
+    assert e.kind == "edited" and e.input_ids[:e.n_prompt] == prompt_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1].float()
+        unmasked = model(torch.tensor([prompt_ids])).logits[0, -1].float()
+    excluded = unmasked.topk(2).indices.tolist()  # the refused answer's first token, then the next refusal's
+    logits[0, excluded] = float("-inf")
+    logp = logits.log_softmax(-1)
+    val, idx = logp.topk(7, dim=-1)
+    assert torch.equal(e.top_idx, idx) and torch.allclose(e.top_logp, val, atol=1e-4)
+    assert e.input_ids[e.n_prompt:] == logp.argmax(-1).tolist()  # greedy once those two are excluded
+    assert not set(excluded) & set(e.top_idx[0].tolist())
+
+
+def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir, monkeypatch):
+    """heal_refusal_alternatives: the edit-taught examples go through `answers_instead_of_refusals` (with the
+    edit live, before training) and what it put in their place is what training gets; the counts are recorded."""
+    import deccp.abliteration.healing as healing
+    import deccp.judges.refusal as refusal
+    from deccp.abliteration.edits import LiveEdit
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    plan = _plan(model)
+    prompts = {k: [p for p in load_prompts(f"ours:{k}:train") if p.lang in ("en", "zh")][:4]
+               for k in ("harmless", "harmful", "sensitive")}
+    monkeypatch.setattr(refusal, "is_refusal", lambda text, lang: False)  # the original answers everything
+    caught = {}
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with LiveEdit(model, plan), torch.no_grad():
+        edited_logits = model(ids).logits.clone()
+
+    def spy(model, tokenizer, ps, texts, examples, *, alternatives, is_refused, **kw):
+        with torch.no_grad():
+            caught["edit_live"] = torch.allclose(model(ids).logits, edited_logits, atol=1e-5)
+        caught["alternatives"], caught["prompts"] = alternatives, [p.text for p in ps]
+        examples[0] = dataclasses.replace(examples[0], kind="edited", top_logp=examples[0].top_logp * 0)
+        caught["replaced"] = examples[0]
+        return 3, 1
+
+    monkeypatch.setattr(healing, "answers_instead_of_refusals", spy)
+    monkeypatch.setattr(healing, "train", lambda model, adapters, examples, **kw: caught.setdefault("ex", examples)
+                        and [0.0])
+    with contextlib.ExitStack() as stack:
+        result = heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4, heal_harmful=False,
+                                                             heal_refusal_alternatives=5), log=lambda *_: None)
+    assert caught["edit_live"] and caught["alternatives"] == 5 and caught["prompts"] == [p.text for p in _balanced(prompts["sensitive"], 4)]
+    assert any(e is caught["replaced"] for e in caught["ex"])
+    assert result.edit_refusals == {"refused": 3, "answered_instead": 1}
+    assert result.summary()["edit_refusals"] == {"refused": 3, "answered_instead": 1}
+    with contextlib.ExitStack() as stack:  # off by default: never called
+        monkeypatch.setattr(healing, "answers_instead_of_refusals", None)
+        assert heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4, heal_harmful=False),
+                    log=lambda *_: None).edit_refusals is None
+
+
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
                                          ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
                                          ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0),
-                                         ("heal_layers", "upper"), ("heal_harmful_weight", 0.0)])
+                                         ("heal_layers", "upper"), ("heal_harmful_weight", 0.0),
+                                         ("heal_refusal_alternatives", -1)])
 def test_bad_healing_settings_are_rejected(field, value):
     with pytest.raises(DeccpError, match=field):
         AbliterationConfig(**{field: value})

@@ -79,6 +79,9 @@ class AbliterationConfig:
     heal_detach_prompt: bool = field(default=False, metadata={
         "help": "backpropagate through the answer only (and the last prompt token): each step runs the prompt "
                 "forward without gradients, which makes it cheaper; the logits are the same"})
+    heal_refusal_alternatives: int = field(default=0, metadata={
+        "help": "where the edit itself still refuses a prompt it teaches, answer from each of its next N most likely "
+                "first tokens and teach the first answer that is not a refusal (0: off)"})
     heal_top_k: int = field(default=64, metadata={"help": "teacher tokens kept per position (the rest is one bucket)"})
     heal_texts: int = field(default=0, metadata={
         "help": "plain texts (our train-split gold answers, no chat template) on which the original's next-token "
@@ -133,6 +136,8 @@ class AbliterationConfig:
                      "heal_text_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: at least 1")
+        if self.heal_refusal_alternatives < 0:
+            problems.append("heal_refusal_alternatives: at least 0")
         if self.heal_texts < 0:
             problems.append("heal_texts: at least 0")
         if self.check_capability_limit is not None and self.check_capability_limit < 1:

@@ -102,16 +102,40 @@ def _targets(model, seqs: list[tuple[list[int], int]], kind: str, *, top_k: int,
     return out
 
 
+class _ForceFirstToken:
+    """Logits processor: at the first generated position, row r must choose `tokens[r]` (None: free)."""
+
+    def __init__(self, width: int, tokens: list[int | None]):
+        self.width, self.tokens = width, tokens
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] != self.width:
+            return scores
+        forced = scores.clone()  # generate keeps the raw logits (output_logits) in the tensor it passes here
+        for row, token in enumerate(self.tokens):
+            if token is not None:
+                forced[row] = float("-inf")
+                forced[row, token] = 0.0
+        return forced
+
+
 @torch.no_grad()
 def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answer_tokens: int, top_k: int,
-                    batch_size: int, system: str | None = None) -> tuple[list[str], list[HealExample]]:
+                    batch_size: int, system: str | None = None,
+                    start_with: list[tuple[int, list[int]]] | None = None) -> tuple[list[str], list[HealExample]]:
     """The model's greedy answers of up to `answer_tokens` tokens, as it is now (the caller sets the teacher:
     original, or with the edit live), and from the same pass its top-k next-token log-probabilities at each
     answer position. The targets follow the generated token ids themselves (up to and including an end-of-turn
     token), so no second forward pass and no re-tokenization of the decoded text is needed.
 
+    `start_with[i] = (token, excluded)`: prompt i's answer starts with `token`, and the teacher is the model
+    conditioned on not choosing the `excluded` tokens there (masked out of the first position's distribution,
+    which is renormalised; `token` should be the most likely of the rest, so the answer stays greedy).
+
     Returns the answer texts (stripped, special tokens dropped, as `short_answers` gives them) and one example
     per prompt, both in the order of `prompts`."""
+    from transformers import LogitsProcessorList
+
     from deccp.generation import stop_token_ids
     from deccp.prompt_batch import encode_prompts
 
@@ -123,21 +147,50 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = encode_prompts(tokenizer, [prompts[i].text for i in idx], system, device=device)
+        width = batch.width
+        starts = [start_with[i] if start_with else None for i in idx]
+        extra = ({"logits_processor": LogitsProcessorList([_ForceFirstToken(width, [x and x[0] for x in starts])])}
+                 if any(starts) else {})
         out = batch.generate(model, max_new_tokens=answer_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                             return_dict_in_generate=True)
-        width = batch.width
+                             return_dict_in_generate=True, **extra)
         logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab): raw, before any logits processor
         for row, i in enumerate(idx):
             new = out.sequences[row, width:].tolist()
             n = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
             prompt_ids = batch.prompt_ids(row)
-            logp = logits[row, :n].float().log_softmax(-1)
+            raw = logits[row, :n].float()
+            if starts[row] and starts[row][1]:
+                raw[0, starts[row][1]] = float("-inf")
+            logp = raw.log_softmax(-1)
             val, top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
             examples[i] = HealExample(kind, prompt_ids + new[:n], len(prompt_ids), top.cpu(), val.cpu(),
                                       _log_rest(val).cpu())
             texts[i] = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
     return texts, [e for e in examples if e is not None]
+
+
+def answers_instead_of_refusals(model, tokenizer, prompts: list[Prompt], texts: list[str],
+                                examples: list[HealExample], *, alternatives: int, is_refused, **kw) -> tuple[int, int]:
+    """Where the teacher's answer (`texts[i]`, `examples[i]`) is a refusal by `is_refused(text, lang)`, answer
+    again from each of the teacher's next `alternatives` most likely first tokens (in one generation pass); the
+    first of them, in the teacher's order, whose answer is not a refusal replaces `texts[i]` and `examples[i]` in
+    place, with the teacher conditioned on not starting with the tokens ranked above it. This equals asking again
+    without the refusal's first token, then without the next refusal's too, and so on. Prompts refused every
+    time keep their refusal. `kw`: `teacher_answers`' settings. Returns (refused, answered now)."""
+    todo = [i for i, (p, t) in enumerate(zip(prompts, texts, strict=True)) if is_refused(t, p.lang)]
+    rows = [(i, j) for i in todo for j in range(1, min(alternatives, examples[i].top_idx.shape[1] - 1) + 1)]
+    if not rows:
+        return len(todo), 0
+    ranked = {i: examples[i].top_idx[0].tolist() for i in todo}  # the teacher's first tokens, most likely first
+    new_texts, new_examples = teacher_answers(model, tokenizer, examples[todo[0]].kind, [prompts[i] for i, _ in rows],
+                                              start_with=[(ranked[i][j], ranked[i][:j]) for i, j in rows], **kw)
+    answered: set[int] = set()
+    for (i, _), t, e in zip(rows, new_texts, new_examples, strict=True):
+        if i not in answered and not is_refused(t, prompts[i].lang):
+            texts[i], examples[i] = t, e
+            answered.add(i)
+    return len(todo), len(answered)
 
 
 def cached_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: str, prompts: list[Prompt], *,
@@ -201,13 +254,14 @@ class HealResult:
     examples: dict[str, int]
     losses: list[float]
     seconds: float
+    edit_refusals: dict[str, int] | None = None  # heal_refusal_alternatives: refused by the edit, answered instead
 
     def summary(self) -> dict:
         first = self.losses[:max(1, len(self.losses) // 10)]
         last = self.losses[-max(1, len(self.losses) // 10):]
         return {"examples": self.examples, "steps": len(self.losses), "modules": len(self.deltas),
                 "loss_start": round(sum(first) / len(first), 5), "loss_end": round(sum(last) / len(last), 5),
-                "seconds": round(self.seconds, 2)}
+                "edit_refusals": self.edit_refusals, "seconds": round(self.seconds, 2)}
 
 
 class LowRankAdapters:
@@ -549,7 +603,18 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     # sensitive prompts, and harmless prompts it refused (other countries' politics and history)
     ps = _balanced(prompts.get("sensitive", []), cfg.heal_prompts) + [p for p, r in refused if r]
     with LiveEdit(model, plan.scaled(cfg.heal_edit_scale)):
-        examples += answers("edited", ps)[1]
+        texts, found = answers("edited", ps)
+        edit_refusals = None
+        if cfg.heal_refusal_alternatives:
+            t1 = time.time()
+            n_refused, n_answered = answers_instead_of_refusals(
+                model, tokenizer, ps, texts, found, alternatives=cfg.heal_refusal_alternatives, is_refused=is_refusal,
+                answer_tokens=cfg.heal_answer_tokens, top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
+                system=cfg.system_prompt)
+            edit_refusals = {"refused": n_refused, "answered_instead": n_answered}
+            log(f"healing: the edit refused {n_refused} of {len(ps)} prompts it teaches; {n_answered} answered from "
+                f"one of its next {cfg.heal_refusal_alternatives} most likely first tokens ({time.time() - t1:.0f} s)")
+        examples += found
     stack.enter_context(LiveEdit(model, plan))
     counts["sensitive"] = len(ps) - sum(r for _, r in refused)
     counts["harmless_refused"] = sum(r for _, r in refused)
@@ -579,8 +644,8 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
         e.lower = None
     adapters.for_inference(next(model.parameters()).dtype)
     release_memory()  # training's buffers: keep them out of the later peaks
-    return HealResult(adapters.deltas(), counts, losses, time.time() - t0)
+    return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals)
 
 
-__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "heal",
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals", "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "heal",
            "plain_texts", "teacher_answers", "text_targets", "train"]
