@@ -398,6 +398,10 @@ def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir,
     assert any(e is caught["replaced"] for e in caught["ex"])
     assert result.edit_refusals == {"refused": 3, "answered_instead": 1}
     assert result.summary()["edit_refusals"] == {"refused": 3, "answered_instead": 1}
+    from deccp.abliteration.run import format_summary
+
+    printed = format_summary({"healing": result.summary(), "timings_s": {"total": 1.0}})
+    assert "still refused 3 of the prompts" in printed and "1 taught an answer" in printed
     with contextlib.ExitStack() as stack:  # off by default: never called
         monkeypatch.setattr(healing, "answers_instead_of_refusals", None)
         assert heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4, heal_harmful=False),

@@ -354,6 +354,10 @@ def format_summary(record: dict) -> str:
         h = record["healing"]
         lines.append(f"\n  healing: {h['steps']} LoRA steps on {h['examples']}, KL to the teachers "
                      f"{h['loss_start']:.4f} → {h['loss_end']:.4f}")
+        if h.get("edit_refusals"):
+            r = h["edit_refusals"]
+            lines.append(f"  the edit still refused {r['refused']} of the prompts it teaches; "
+                         f"{r['answered_instead']} taught an answer from a next likely first token instead")
     lines.append("")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in record["timings_s"].items()))
     return "\n".join(lines)
