@@ -394,7 +394,8 @@ def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir,
     with contextlib.ExitStack() as stack:
         result = heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4, heal_harmful=False,
                                                              heal_refusal_alternatives=5), log=lambda *_: None)
-    assert caught["edit_live"] and caught["alternatives"] == 5 and caught["prompts"] == [p.text for p in _balanced(prompts["sensitive"], 4)]
+    assert caught["edit_live"] and caught["alternatives"] == 5
+    assert caught["prompts"] == [p.text for p in _balanced(prompts["sensitive"], 4)]
     assert any(e is caught["replaced"] for e in caught["ex"])
     assert result.edit_refusals == {"refused": 3, "answered_instead": 1}
     assert result.summary()["edit_refusals"] == {"refused": 3, "answered_instead": 1}

@@ -647,5 +647,6 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals)
 
 
-__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals", "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "heal",
-           "plain_texts", "teacher_answers", "text_targets", "train"]
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
+           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "heal", "plain_texts", "teacher_answers",
+           "text_targets", "train"]
