@@ -275,8 +275,11 @@ def test_cached_lower_layers_give_the_same_logits_and_gradients_without_running_
             assert ran.count(0) == 1 and ran.count(1) == 1
         else:
             assert 0 not in ran and 1 not in ran
-        with pytest.raises(DeccpError, match="do not combine"):
-            answer_logits(model, examples, pad_id=0, sliced=True, lower=lower, detach_prompt=True)
+        detached, g_detached = grads(lambda: answer_logits(model, examples, pad_id=0, sliced=True, detach_prompt=True))
+        ran.clear()
+        cached_detached, g_cached_detached = grads(lambda: answer_logits(model, examples, pad_id=0, sliced=True,
+                                                                         lower=lower, detach_prompt=True))
+        assert ran.count(0) == ran.count(1) == (0 if with_text else 1)  # the prefix only, as above
     for h in counters:
         h.remove()
     assert list(model.model.layers) == layers
@@ -286,6 +289,11 @@ def test_cached_lower_layers_give_the_same_logits_and_gradients_without_running_
     assert len(g_whole) == len(g_cached)
     assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_whole, g_cached, strict=True))
     assert any(float(x.abs().max()) > 0 for x in g_cached)
+    # with a detached prompt too: the same logits and gradients as the detached prompt over the whole model
+    for a, b in zip(detached, cached_detached, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_detached, g_cached_detached, strict=True))
+    assert not all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_cached, g_cached_detached, strict=True))
 
 
 @pytest.mark.parametrize("with_text", [False, True])
@@ -412,8 +420,9 @@ def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir,
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
                                          ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
                                          ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0),
-                                         ("heal_layers", "upper"), ("heal_harmful_weight", 0.0),
-                                         ("heal_refusal_alternatives", -1)])
+                                         ("heal_layers", "upper"), ("heal_layers", "-1"), ("heal_harmful_weight", 0.0),
+                                         ("heal_refusal_alternatives", -1), ("heal_prompt_states", "stale"),
+                                         ("heal_prompt_states", "fixed")])
 def test_bad_healing_settings_are_rejected(field, value):
     with pytest.raises(DeccpError, match=field):
         AbliterationConfig(**{field: value})
@@ -512,6 +521,24 @@ def test_heal_layers_edited_puts_corrections_from_the_first_edited_layer_and_bac
         LowRankAdapters(model, rank=2, alpha=4, target_modules=["all-linear"], first_layer=99)
 
 
+def test_heal_layers_names_the_first_corrected_layer(tiny_model_dir):
+    """`heal_layers`: all is layer 0, edited the plan's first edited layer, a number that layer (from YAML an int,
+    from the command line a string); a layer the model does not have is an error naming the setting."""
+    from deccp.abliteration.healing import first_corrected_layer
+
+    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    layers = model.model.layers
+    n_layers = len(layers)
+    upper = EditPlan([e for e in _plan(model).edits if f"layers.{n_layers - 1}." in e.name])
+    assert first_corrected_layer("all", upper, layers) == 0
+    assert first_corrected_layer("edited", upper, layers) == n_layers - 1
+    assert first_corrected_layer(1, upper, layers) == first_corrected_layer("1", upper, layers) == 1
+    AbliterationConfig(heal_layers=1)
+    AbliterationConfig(heal_layers="1")
+    with pytest.raises(DeccpError, match=f"heal_layers: {n_layers} is past"):
+        first_corrected_layer(str(n_layers), upper, layers)
+
+
 def test_kind_weights_weigh_each_example_in_the_step_loss(tiny_model_dir):
     """The step loss is the weighted mean of the examples' KLs: a refused harmful prompt at weight 3 counts three
     times a harmless one (the first step's loss is taken before any update, against the adapters' zero start)."""
@@ -536,3 +563,69 @@ def test_kind_weights_weigh_each_example_in_the_step_loss(tiny_model_dir):
 
         assert first_loss(None) == pytest.approx(sum(kls) / 4, rel=1e-4)
         assert first_loss({"harmful": 3.0}) == pytest.approx((kls[0] + kls[2] + 3 * (kls[1] + kls[3])) / 8, rel=1e-4)
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+def test_fixed_prompt_states_give_the_detached_logits_and_gradients(tiny_model_dir, with_text):
+    """`fix_prompt_states` stores each prompt's keys and values (layers from 2 on) and the prefix's as the model
+    is at that moment; until the corrections move, answer_logits against them equals the detached-prompt pass
+    (logits and gradients), and the prompt tokens no longer run."""
+    from deccp.abliteration.edits import LiveEdit
+    from deccp.abliteration.healing import HealExample, answer_logits, cache_lower_layers, fix_prompt_states
+
+    model, _ = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    plan = EditPlan([e for e in _plan(model).edits if int(e.name.split(".")[2]) >= 2])
+    examples = _prompt_examples()
+    if with_text:
+        examples.append(HealExample("text", [20, 21, 99, 98], 1, *_empty_targets(3)))
+    widths: list[int] = []
+    hook = model.model.layers[2].register_forward_pre_hook(lambda m, a, kw: widths.append(
+        (a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    with LiveEdit(model, plan), _corrected_adapters(model, first_layer=2) as grads:
+        lower = cache_lower_layers(model, examples, 2, pad_id=0, batch_size=2)
+        detached, g_detached = grads(lambda: answer_logits(model, examples, pad_id=0, sliced=True, lower=lower,
+                                                           detach_prompt=True))
+        fixed = fix_prompt_states(model, examples[::-1], lower, pad_id=0, batch_size=2)
+        widths.clear()
+        out, g_out = grads(lambda: answer_logits(model, examples[1:] + examples[:1], pad_id=0, sliced=True,
+                                                 lower=fixed, detach_prompt=True))
+        out = out[-1:] + out[:-1]
+    hook.remove()
+    assert widths == [max(len(e.input_ids) - e.n_prompt + 1 for e in examples)]  # the answers only
+    for a, b in zip(detached, out, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-3) for x, y in zip(g_detached, g_out, strict=True))
+
+
+def test_heal_with_fixed_prompt_states_trains_on_the_answers_only(tiny_model_dir, monkeypatch):
+    """heal_prompt_states: fixed: `heal` fixes the prompts' states (layers from the first edited one) before
+    training, every training step then runs the answers only, the corrections move, and the stored states are
+    dropped afterwards; an edit of layer 0 cannot have fixed prompt states, which is said before any training."""
+    import deccp.abliteration.healing as healing
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    plan = EditPlan([e for e in _plan(model).edits if int(e.name.split(".")[2]) >= 1])
+    prompts = {k: [p for p in load_prompts(f"ours:{k}:train") if p.lang in ("en", "zh")][:4]
+               for k in ("harmless", "harmful", "sensitive")}
+    cfg = _cfg(heal_layers="edited", heal_detach_prompt=True, heal_prompt_states="fixed", heal_steps=3)
+    seen = {}
+    real_train = healing.train
+
+    def spy(model, adapters, examples, **kw):
+        seen["fixed"] = all(e.prompt_kv is not None for e in examples) and kw["lower"].first == 1
+        seen["examples"] = examples
+        return real_train(model, adapters, examples, **kw)
+
+    monkeypatch.setattr(healing, "train", spy)
+    widths: list[int] = []
+    hook = model.model.layers[1].register_forward_pre_hook(lambda m, a, kw: widths.append(
+        (a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    with contextlib.ExitStack() as stack:
+        result = healing.heal(model, tok, plan, stack, prompts, cfg, log=lambda *_: None)
+    hook.remove()
+    assert seen["fixed"] and all(e.prompt_kv is None and e.lower is None for e in seen["examples"])
+    answer_width = max(len(e.input_ids) - e.n_prompt + 1 for e in seen["examples"])
+    assert widths[-3:] and all(w <= answer_width for w in widths[-3:])  # the 3 steps: answers only
+    assert any(float(d.dense().abs().max()) > 0 for d in result.deltas)
+    with contextlib.ExitStack() as stack, pytest.raises(DeccpError, match="heal_prompt_states: fixed"):
+        healing.heal(model, tok, _plan(model), stack, prompts, cfg, log=lambda *_: None)

@@ -72,13 +72,17 @@ class AbliterationConfig:
     heal_alpha: float = 16.0
     heal_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     heal_layers: str = field(default="all", metadata={
-        "help": "decoder layers that get corrections: all, or edited (from the first layer the edit changes to the "
-                "last; the layers below it are then not backpropagated through, which makes a step cheaper)"})
+        "help": "decoder layers that get corrections: all; edited (from the first layer the edit changes to the "
+                "last; the layers below it are then not backpropagated through, which makes a step cheaper); or a "
+                "layer index N (from decoder layer N to the last: fewer corrected layers, cheaper steps)"})
     heal_first_token_weight: float = field(default=4.0, metadata={
         "help": "weight of the first answer token (answer, refuse or switch language) against the later ones"})
     heal_detach_prompt: bool = field(default=False, metadata={
         "help": "backpropagate through the answer only (and the last prompt token): each step runs the prompt "
                 "forward without gradients, which makes it cheaper; the logits are the same"})
+    heal_prompt_states: str = field(default="live", metadata={
+        "help": "with heal_detach_prompt and corrections above layer 0: live (each step runs its prompts again) or "
+                "fixed (each prompt's keys and values computed once, before training; steps run the answers only)"})
     heal_refusal_alternatives: int = field(default=0, metadata={
         "help": "where the edit itself still refuses a prompt it teaches, answer from each of its next N most likely "
                 "first tokens and teach the first answer that is not a refusal (0: off)"})
@@ -150,8 +154,12 @@ class AbliterationConfig:
             problems.append("heal_harmful_weight: greater than 0")
         if self.heal_first_token_weight < 0:
             problems.append("heal_first_token_weight: at least 0")
-        if self.heal_layers not in ("all", "edited"):
-            problems.append(f"heal_layers: all or edited, not {self.heal_layers!r}")
+        if str(self.heal_layers) not in ("all", "edited") and not str(self.heal_layers).isdigit():
+            problems.append(f"heal_layers: all, edited or a decoder layer index, not {self.heal_layers!r}")
+        if self.heal_prompt_states not in ("live", "fixed"):
+            problems.append(f"heal_prompt_states: live or fixed, not {self.heal_prompt_states!r}")
+        elif self.heal_prompt_states == "fixed" and (not self.heal_detach_prompt or str(self.heal_layers) == "all"):
+            problems.append("heal_prompt_states: fixed needs heal_detach_prompt: true and heal_layers other than all")
         if not self.heal_target_modules:
             problems.append("heal_target_modules: at least one module name, or [all-linear]")
         if self.check_split not in ("train", "eval"):

@@ -21,6 +21,9 @@ streamed edit adds to the edited weights.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import functools
 import math
 import random
 import time
@@ -49,6 +52,7 @@ class HealExample:
     top_logp: torch.Tensor  # (n_answer, k) float32
     rest_logp: torch.Tensor  # (n_answer,) float32: log of the probability mass outside the top k
     lower: torch.Tensor | None = None  # (len(input_ids) - prefix, d_model): input of the first trained layer
+    prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # fixed prompt keys/values, layers from `first`
 
 
 @dataclass
@@ -358,6 +362,7 @@ class LowerLayers:
 
     first: int  # the decoder layer they feed: the layers below it do not run during training
     prefix_len: int  # the shared beginning: the cached states cover each example's tokens after it
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # fixed prefix keys/values (1 row), every layer
 
 
 class _Stop(Exception):
@@ -403,6 +408,74 @@ def cache_lower_layers(model, examples: list[HealExample], first: int, *, pad_id
     return LowerLayers(first, prefix)
 
 
+@torch.no_grad()
+def fix_prompt_states(model, examples: list[HealExample], lower: LowerLayers, *, pad_id: int,
+                      batch_size: int) -> LowerLayers:
+    """Keys and values of each example's prompt (all but its last token) in the layers from `lower.first` on, and
+    of the shared prefix, computed once as the model is now (the edit, corrections at zero) and stored: steps
+    then run the last prompt token and the answer only, against these fixed prompt states."""
+    from deccp.prompt_batch import base_model_of, pack_prompts
+
+    device = next(model.parameters()).device
+    n_layers = len(base_model_of(model).layers)
+    prefix_kv = None
+    if lower.prefix_len:
+        shared = pack_prompts([examples[0].input_ids[:lower.prefix_len]], lower.prefix_len, pad_id, device).cache(model)
+        prefix_kv = [(shared.layers[i].keys, shared.layers[i].values) for i in range(n_layers)]
+    fixed = dataclasses.replace(lower, prefix_kv=prefix_kv)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        cache, _ = _prompt_cache(model, chunk, fixed, pad_id=pad_id, device=device, fixed=False)
+        for i, e in enumerate(chunk):
+            t = e.n_prompt - 1 - lower.prefix_len
+            e.prompt_kv = [(cache.layers[j].keys[i:i + 1, :, cache.layers[j].keys.shape[2] - t:].clone(),
+                            cache.layers[j].values[i:i + 1, :, cache.layers[j].values.shape[2] - t:].clone())
+                           for j in range(lower.first, n_layers)]
+    return fixed
+
+
+def _prompt_cache(model, examples: list[HealExample], lower: LowerLayers, *, pad_id: int, device, fixed: bool):
+    """The cache after the examples' prompts (all but their last token), laid out as `answer_logits` lays them out:
+    from each example's fixed states (`fixed`), or by running layers `lower.first` on over its cached lower-layer
+    states. Returns it and the prompt part's attention mask."""
+    from transformers import DynamicCache
+
+    from deccp.prompt_batch import base_model_of, pack_prompts
+
+    prompts = pack_prompts([e.input_ids[:e.n_prompt - 1] for e in examples], lower.prefix_len, pad_id, device)
+    n_layers = len(base_model_of(model).layers)
+    cache = DynamicCache(config=model.config)
+    tail = prompts.width - prompts.prefix_len
+    if fixed:
+        for j in range(n_layers):
+            src = max(j, lower.first)
+            parts_k, parts_v = [], []
+            if lower.prefix_kv is not None:
+                pk, pv = lower.prefix_kv[src]
+                parts_k.append(pk.expand(len(examples), -1, -1, -1))
+                parts_v.append(pv.expand(len(examples), -1, -1, -1))
+            ref = examples[0].prompt_kv[0][0]
+            k = torch.zeros(len(examples), ref.shape[1], tail, ref.shape[3], dtype=ref.dtype, device=device)
+            v = torch.zeros_like(k)
+            for i, e in enumerate(examples):
+                ek, ev = e.prompt_kv[src - lower.first]
+                if ek.shape[2]:
+                    k[i, :, tail - ek.shape[2]:], v[i, :, tail - ev.shape[2]:] = ek[0], ev[0]
+            cache.update(torch.cat([*parts_k, k], dim=2), torch.cat([*parts_v, v], dim=2), j)
+        return cache, prompts.attention_mask
+    if lower.prefix_kv is not None:
+        for j in range(n_layers):
+            pk, pv = lower.prefix_kv[j]
+            cache.update(pk.expand(len(examples), -1, -1, -1).clone(), pv.expand(len(examples), -1, -1, -1).clone(), j)
+    if tail:
+        answer = max(len(e.input_ids) - e.n_prompt + 1 for e in examples)
+        states = _lower_states(examples, tail, tail + answer, device)[:, :tail]
+        with layers_from(model, lower.first):
+            base_model_of(model)(inputs_embeds=states, attention_mask=prompts.attention_mask, past_key_values=cache,
+                                 use_cache=True, position_ids=prompts.position_ids()[:, prompts.prefix_len:])
+    return cache, prompts.attention_mask
+
+
 @contextlib.contextmanager
 def layers_from(model, first: int):
     """Run the decoder from layer `first` on: its inputs come as `inputs_embeds` (the hidden states there), the
@@ -440,15 +513,13 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
     answer (same logits; only the answer part is backpropagated, so a step costs a forward pass over the
     prompt and a forward and backward pass over the answer). `sliced`: project only the needed positions onto
     the vocabulary (else all, then indexed: on CPU, backward through the sliced bf16 output was slower). `lower`
-    (from `cache_lower_layers`, not with `detach_prompt`): the layers below `lower.first` are not run, their
-    output comes from each example's cached states."""
+    (from `cache_lower_layers`): the layers below `lower.first` are not run, their output comes from each
+    example's cached states (with `detach_prompt`, for the prompt pass and the answer pass alike)."""
     from transformers import DynamicCache
 
     from deccp.prompt_batch import base_model_of, pack_prompts
 
     device = next(model.parameters()).device
-    if lower is not None and detach_prompt:
-        raise DeccpError("healing: cached lower layers and a detached prompt do not combine")
     prefix = lower.prefix_len if lower is not None else shared_prefix_length(examples)
     prompts = pack_prompts([e.input_ids[:e.n_prompt - 1] for e in examples], prefix, pad_id, device)
     answers = [e.input_ids[e.n_prompt - 1:] for e in examples]
@@ -461,22 +532,61 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
         pred[i, :len(a) - 1] = True  # position t predicts token t + 1: the answer's tokens
     ids, pred = ids.to(device), pred.to(device)
     att = torch.cat([prompts.attention_mask, tail_mask.to(device)], dim=1)
+    positions = (att.cumsum(-1) - 1).clamp_min(0)
+    if lower is not None and examples[0].prompt_kv is not None:
+        return _answer_logits_fixed_prompt(model, examples, lower, pad_id=pad_id, sliced=sliced)
+    states = None  # the cached lower-layer states after the prefix, laid out as the tokens after it
+    if lower is not None:
+        states = _lower_states(examples, prompts.width - prompts.prefix_len, att.shape[1] - prompts.prefix_len, device)
+    run_from = functools.partial(layers_from, model, lower.first) if lower is not None else contextlib.nullcontext
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_prompt):
         cache = prompts.cache(model) if prompts.prefix_len else DynamicCache(config=model.config)
         if detach_prompt and prompts.width > prompts.prefix_len:
-            prompts.forward(base_model_of(model), cache=cache)
+            if states is None:
+                prompts.forward(base_model_of(model), cache=cache)
+            else:
+                with run_from():
+                    base_model_of(model)(inputs_embeds=states[:, :prompts.width - prompts.prefix_len],
+                                         attention_mask=prompts.attention_mask, past_key_values=cache, use_cache=True,
+                                         position_ids=positions[:, prompts.prefix_len:prompts.width])
+                for i in range(lower.first):  # never run; sized like the layers that ran, as the mask reads layer 0
+                    cache.layers[i] = copy.copy(cache.layers[lower.first])
     start = prompts.width if detach_prompt else prompts.prefix_len  # with gradients: prompt and answer in one pass
     ids = torch.cat([prompts.input_ids[:, start:], ids], dim=1)
     pred = torch.cat([torch.zeros_like(prompts.attention_mask[:, start:], dtype=torch.bool), pred], dim=1)
     inputs: dict = {"input_ids": ids}
-    run_from = contextlib.nullcontext()
-    if lower is not None:
-        inputs = {"inputs_embeds": _lower_states(examples, prompts.width - start, ids.shape[1], device)}
-        run_from = layers_from(model, lower.first)
-    with run_from:
-        out = model(**inputs, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0)[:, start:],
+    if states is not None:
+        inputs = {"inputs_embeds": states[:, start - prompts.prefix_len:]}
+    with run_from():
+        out = model(**inputs, attention_mask=att, position_ids=positions[:, start:],
                     past_key_values=cache, use_cache=True, logits_to_keep=pred if sliced else 0).logits
     rows = out if sliced else out[pred]  # (positions of every example in order, vocab)
+    return list(rows.split(pred.sum(1).tolist()))
+
+
+def _answer_logits_fixed_prompt(model, examples: list[HealExample], lower: LowerLayers, *, pad_id: int,
+                                sliced: bool) -> list[torch.Tensor]:
+    """`answer_logits` against each example's fixed prompt states (`fix_prompt_states`): only the last prompt token
+    and the answer run, from layer `lower.first` on."""
+    device = next(model.parameters()).device
+    cache, prompt_mask = _prompt_cache(model, examples, lower, pad_id=pad_id, device=device, fixed=True)
+    width = prompt_mask.shape[1]
+    answers = [e.input_ids[e.n_prompt - 1:] for e in examples]
+    aw = max(len(a) for a in answers)
+    tail_mask = torch.zeros(len(examples), aw, dtype=torch.long)
+    pred = torch.zeros((len(examples), aw), dtype=torch.bool)
+    for i, a in enumerate(answers):
+        tail_mask[i, :len(a)] = 1
+        pred[i, :len(a) - 1] = True
+    att = torch.cat([prompt_mask, tail_mask.to(device)], dim=1)
+    positions = (att.cumsum(-1) - 1).clamp_min(0)[:, width:]
+    pw = width - lower.prefix_len
+    states = _lower_states(examples, pw, pw + aw, device)[:, pw:]
+    pred = pred.to(device)
+    with layers_from(model, lower.first):
+        out = model(inputs_embeds=states, attention_mask=att, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=pred if sliced else 0).logits
+    rows = out if sliced else out[pred]
     return list(rows.split(pred.sum(1).tolist()))
 
 
@@ -565,12 +675,26 @@ def _balanced(items: list[_T], n: int) -> list[_T]:
     return out
 
 
+def first_corrected_layer(heal_layers: str | int, plan, layers) -> int:
+    """The first decoder layer that gets corrections for a `heal_layers` setting: all (0), edited (the first
+    layer the edit changes), or a layer index, which must name one of `layers`."""
+    if str(heal_layers) == "all":
+        return 0
+    if str(heal_layers) == "edited":
+        return plan.first_layer()
+    first = int(heal_layers)
+    if first >= len(layers):
+        raise DeccpError(f"heal_layers: {first} is past the model's last decoder layer ({len(layers) - 1})")
+    return first
+
+
 def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
          log=print, cache: BaselineCache | None = None) -> HealResult:
     """Targets from the original (harmless answered, harmful refused; through `cache`) and from the live edit
     (sensitive, harmless refused), then LoRA training on top of the edit. Enters the edit and the adapters into
     `stack`: until it closes, the model is the healed one (the caller measures it there); closing it restores
     the original exactly."""
+    from deccp.abliteration.directions import decoder_layers
     from deccp.abliteration.edits import LiveEdit
     from deccp.judges.refusal import is_refusal
     from deccp.models import release_memory
@@ -623,30 +747,37 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
         + " follow the original; "
         f"{counts['sensitive']} sensitive and {counts['harmless_refused']} refused harmless prompts follow the edit "
         f"(targets: {time.time() - t0:.0f} s)")
-    first_layer = plan.first_layer() if cfg.heal_layers == "edited" else 0
+    first_layer = first_corrected_layer(cfg.heal_layers, plan, decoder_layers(model))
     adapters = stack.enter_context(LowRankAdapters(model, rank=cfg.heal_rank, alpha=cfg.heal_alpha,
                                                    target_modules=cfg.heal_target_modules, seed=cfg.seed,
                                                    first_layer=first_layer))
     lower = None
+    if cfg.heal_prompt_states == "fixed" and not first_layer:
+        raise DeccpError("heal_prompt_states: fixed needs corrections that start above decoder layer 0; this edit "
+                         "changes layer 0 (heal_layers: edited), so use heal_prompt_states: live")
     if first_layer:
         log(f"healing: corrections in layers {first_layer} and above ({len(adapters.targets)} modules)")
-        if not cfg.heal_detach_prompt:
+        t1 = time.time()
+        lower = cache_lower_layers(model, examples, first_layer, pad_id=tokenizer.pad_token_id,
+                                   batch_size=cfg.batch_size)
+        log(f"healing: the inputs of layer {first_layer} computed once ({time.time() - t1:.0f} s); each step "
+            f"runs the layers from {first_layer} on")
+        if cfg.heal_prompt_states == "fixed":
             t1 = time.time()
-            lower = cache_lower_layers(model, examples, first_layer, pad_id=tokenizer.pad_token_id,
-                                       batch_size=cfg.batch_size)
-            log(f"healing: the inputs of layer {first_layer} computed once ({time.time() - t1:.0f} s); each step "
-                f"runs the layers from {first_layer} on")
+            lower = fix_prompt_states(model, examples, lower, pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size)
+            log(f"healing: the prompts' keys and values in layers {first_layer} and above computed once "
+                f"({time.time() - t1:.0f} s); each step runs the answers only")
     losses = train(model, adapters, examples, steps=cfg.heal_steps, lr=cfg.heal_learning_rate,
                    batch_size=cfg.heal_batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
                    first_token_weight=cfg.heal_first_token_weight, kind_weights={"harmful": cfg.heal_harmful_weight},
                    detach_prompt=cfg.heal_detach_prompt, lower=lower, log=log)
     for e in examples:
-        e.lower = None
+        e.lower = e.prompt_kv = None
     adapters.for_inference(next(model.parameters()).dtype)
     release_memory()  # training's buffers: keep them out of the later peaks
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals)
 
 
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
-           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "heal", "plain_texts", "teacher_answers",
+           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "first_corrected_layer", "fix_prompt_states", "heal", "plain_texts", "teacher_answers",
            "text_targets", "train"]
