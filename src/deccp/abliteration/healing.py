@@ -413,67 +413,59 @@ def fix_prompt_states(model, examples: list[HealExample], lower: LowerLayers, *,
                       batch_size: int) -> LowerLayers:
     """Keys and values of each example's prompt (all but its last token) in the layers from `lower.first` on, and
     of the shared prefix, computed once as the model is now (the edit, corrections at zero) and stored: steps
-    then run the last prompt token and the answer only, against these fixed prompt states."""
-    from deccp.prompt_batch import base_model_of, pack_prompts
+    then run the last prompt token and the answer only, against these fixed prompt states (`answer_logits`)."""
+    from transformers import DynamicCache
+
+    from deccp.prompt_batch import base_model_of, pack_prompts, prefix_cache
 
     device = next(model.parameters()).device
     n_layers = len(base_model_of(model).layers)
     prefix_kv = None
     if lower.prefix_len:
-        shared = pack_prompts([examples[0].input_ids[:lower.prefix_len]], lower.prefix_len, pad_id, device).cache(model)
-        prefix_kv = [(shared.layers[i].keys, shared.layers[i].values) for i in range(n_layers)]
-    fixed = dataclasses.replace(lower, prefix_kv=prefix_kv)
+        shared = prefix_cache(model, examples[0].input_ids[:lower.prefix_len], 1)
+        prefix_kv = [(shared.layers[j].keys, shared.layers[j].values) for j in range(n_layers)]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        cache, _ = _prompt_cache(model, chunk, fixed, pad_id=pad_id, device=device, fixed=False)
+        prompts = pack_prompts([e.input_ids[:e.n_prompt - 1] for e in chunk], lower.prefix_len, pad_id, device)
+        cache = DynamicCache(config=model.config)
+        for j, (k, v) in enumerate(prefix_kv or []):
+            cache.update(k.expand(len(chunk), -1, -1, -1).clone(), v.expand(len(chunk), -1, -1, -1).clone(), j)
+        tail = prompts.width - prompts.prefix_len
+        if tail:
+            answer = max(len(e.input_ids) - e.n_prompt + 1 for e in chunk)
+            with layers_from(model, lower.first):
+                base_model_of(model)(inputs_embeds=_lower_states(chunk, tail, tail + answer, device)[:, :tail],
+                                     attention_mask=prompts.attention_mask, past_key_values=cache, use_cache=True,
+                                     position_ids=prompts.position_ids()[:, prompts.prefix_len:])
         for i, e in enumerate(chunk):
             t = e.n_prompt - 1 - lower.prefix_len
-            e.prompt_kv = [(cache.layers[j].keys[i:i + 1, :, cache.layers[j].keys.shape[2] - t:].clone(),
-                            cache.layers[j].values[i:i + 1, :, cache.layers[j].values.shape[2] - t:].clone())
+            e.prompt_kv = [(cache.layers[j].keys[i:i + 1, :, prompts.width - t:].clone(),
+                            cache.layers[j].values[i:i + 1, :, prompts.width - t:].clone())
                            for j in range(lower.first, n_layers)]
-    return fixed
+    return dataclasses.replace(lower, prefix_kv=prefix_kv)
 
 
-def _prompt_cache(model, examples: list[HealExample], lower: LowerLayers, *, pad_id: int, device, fixed: bool):
-    """The cache after the examples' prompts (all but their last token), laid out as `answer_logits` lays them out:
-    from each example's fixed states (`fixed`), or by running layers `lower.first` on over its cached lower-layer
-    states. Returns it and the prompt part's attention mask."""
+def _fixed_prompt_cache(model, examples: list[HealExample], lower: LowerLayers, tail: int, device):
+    """A cache holding the examples' fixed prompt states (`fix_prompt_states`) laid out as `answer_logits` lays out
+    the prompts (`[prefix | left padding | prompt]`, `tail` columns after the prefix); the layers below
+    `lower.first`, which do not run, get the first trained layer's, so the mask is sized right."""
     from transformers import DynamicCache
 
-    from deccp.prompt_batch import base_model_of, pack_prompts
-
-    prompts = pack_prompts([e.input_ids[:e.n_prompt - 1] for e in examples], lower.prefix_len, pad_id, device)
-    n_layers = len(base_model_of(model).layers)
     cache = DynamicCache(config=model.config)
-    tail = prompts.width - prompts.prefix_len
-    if fixed:
-        for j in range(n_layers):
-            src = max(j, lower.first)
-            parts_k, parts_v = [], []
-            if lower.prefix_kv is not None:
-                pk, pv = lower.prefix_kv[src]
-                parts_k.append(pk.expand(len(examples), -1, -1, -1))
-                parts_v.append(pv.expand(len(examples), -1, -1, -1))
-            ref = examples[0].prompt_kv[0][0]
-            k = torch.zeros(len(examples), ref.shape[1], tail, ref.shape[3], dtype=ref.dtype, device=device)
-            v = torch.zeros_like(k)
-            for i, e in enumerate(examples):
-                ek, ev = e.prompt_kv[src - lower.first]
-                if ek.shape[2]:
-                    k[i, :, tail - ek.shape[2]:], v[i, :, tail - ev.shape[2]:] = ek[0], ev[0]
-            cache.update(torch.cat([*parts_k, k], dim=2), torch.cat([*parts_v, v], dim=2), j)
-        return cache, prompts.attention_mask
-    if lower.prefix_kv is not None:
-        for j in range(n_layers):
-            pk, pv = lower.prefix_kv[j]
-            cache.update(pk.expand(len(examples), -1, -1, -1).clone(), pv.expand(len(examples), -1, -1, -1).clone(), j)
-    if tail:
-        answer = max(len(e.input_ids) - e.n_prompt + 1 for e in examples)
-        states = _lower_states(examples, tail, tail + answer, device)[:, :tail]
-        with layers_from(model, lower.first):
-            base_model_of(model)(inputs_embeds=states, attention_mask=prompts.attention_mask, past_key_values=cache,
-                                 use_cache=True, position_ids=prompts.position_ids()[:, prompts.prefix_len:])
-    return cache, prompts.attention_mask
+    ref = examples[0].prompt_kv[0][0]
+    for j in range(lower.first + len(examples[0].prompt_kv)):
+        src = max(j, lower.first)
+        k = torch.zeros(len(examples), ref.shape[1], tail, ref.shape[3], dtype=ref.dtype, device=device)
+        v = torch.zeros_like(k)
+        for i, e in enumerate(examples):
+            ek, ev = e.prompt_kv[src - lower.first]
+            k[i, :, tail - ek.shape[2]:], v[i, :, tail - ev.shape[2]:] = ek[0], ev[0]
+        if lower.prefix_kv is not None:
+            pk, pv = lower.prefix_kv[src]
+            k = torch.cat([pk.expand(len(examples), -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(len(examples), -1, -1, -1), v], dim=2)
+        cache.update(k, v, j)
+    return cache
 
 
 @contextlib.contextmanager
@@ -514,7 +506,9 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
     prompt and a forward and backward pass over the answer). `sliced`: project only the needed positions onto
     the vocabulary (else all, then indexed: on CPU, backward through the sliced bf16 output was slower). `lower`
     (from `cache_lower_layers`): the layers below `lower.first` are not run, their output comes from each
-    example's cached states (with `detach_prompt`, for the prompt pass and the answer pass alike)."""
+    example's cached states (with `detach_prompt`, for the prompt pass and the answer pass alike); when the
+    examples also carry fixed prompt states (`fix_prompt_states`), the prompts do not run at all: only each last
+    prompt token and answer, against those states."""
     from transformers import DynamicCache
 
     from deccp.prompt_batch import base_model_of, pack_prompts
@@ -533,15 +527,17 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
     ids, pred = ids.to(device), pred.to(device)
     att = torch.cat([prompts.attention_mask, tail_mask.to(device)], dim=1)
     positions = (att.cumsum(-1) - 1).clamp_min(0)
-    if lower is not None and examples[0].prompt_kv is not None:
-        return _answer_logits_fixed_prompt(model, examples, lower, pad_id=pad_id, sliced=sliced)
+    fixed = lower is not None and examples[0].prompt_kv is not None  # the prompts' states are stored
     states = None  # the cached lower-layer states after the prefix, laid out as the tokens after it
     if lower is not None:
         states = _lower_states(examples, prompts.width - prompts.prefix_len, att.shape[1] - prompts.prefix_len, device)
     run_from = functools.partial(layers_from, model, lower.first) if lower is not None else contextlib.nullcontext
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_prompt):
-        cache = prompts.cache(model) if prompts.prefix_len else DynamicCache(config=model.config)
-        if detach_prompt and prompts.width > prompts.prefix_len:
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_prompt and not fixed):
+        if fixed:
+            cache = _fixed_prompt_cache(model, examples, lower, prompts.width - prompts.prefix_len, device)
+        else:
+            cache = prompts.cache(model) if prompts.prefix_len else DynamicCache(config=model.config)
+        if detach_prompt and not fixed and prompts.width > prompts.prefix_len:
             if states is None:
                 prompts.forward(base_model_of(model), cache=cache)
             else:
@@ -551,7 +547,7 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
                                          position_ids=positions[:, prompts.prefix_len:prompts.width])
                 for i in range(lower.first):  # never run; sized like the layers that ran, as the mask reads layer 0
                     cache.layers[i] = copy.copy(cache.layers[lower.first])
-    start = prompts.width if detach_prompt else prompts.prefix_len  # with gradients: prompt and answer in one pass
+    start = prompts.width if detach_prompt or fixed else prompts.prefix_len  # else prompt and answer in one pass
     ids = torch.cat([prompts.input_ids[:, start:], ids], dim=1)
     pred = torch.cat([torch.zeros_like(prompts.attention_mask[:, start:], dtype=torch.bool), pred], dim=1)
     inputs: dict = {"input_ids": ids}
@@ -561,32 +557,6 @@ def answer_logits(model, examples: list[HealExample], *, pad_id: int, sliced: bo
         out = model(**inputs, attention_mask=att, position_ids=positions[:, start:],
                     past_key_values=cache, use_cache=True, logits_to_keep=pred if sliced else 0).logits
     rows = out if sliced else out[pred]  # (positions of every example in order, vocab)
-    return list(rows.split(pred.sum(1).tolist()))
-
-
-def _answer_logits_fixed_prompt(model, examples: list[HealExample], lower: LowerLayers, *, pad_id: int,
-                                sliced: bool) -> list[torch.Tensor]:
-    """`answer_logits` against each example's fixed prompt states (`fix_prompt_states`): only the last prompt token
-    and the answer run, from layer `lower.first` on."""
-    device = next(model.parameters()).device
-    cache, prompt_mask = _prompt_cache(model, examples, lower, pad_id=pad_id, device=device, fixed=True)
-    width = prompt_mask.shape[1]
-    answers = [e.input_ids[e.n_prompt - 1:] for e in examples]
-    aw = max(len(a) for a in answers)
-    tail_mask = torch.zeros(len(examples), aw, dtype=torch.long)
-    pred = torch.zeros((len(examples), aw), dtype=torch.bool)
-    for i, a in enumerate(answers):
-        tail_mask[i, :len(a)] = 1
-        pred[i, :len(a) - 1] = True
-    att = torch.cat([prompt_mask, tail_mask.to(device)], dim=1)
-    positions = (att.cumsum(-1) - 1).clamp_min(0)[:, width:]
-    pw = width - lower.prefix_len
-    states = _lower_states(examples, pw, pw + aw, device)[:, pw:]
-    pred = pred.to(device)
-    with layers_from(model, lower.first):
-        out = model(inputs_embeds=states, attention_mask=att, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=pred if sliced else 0).logits
-    rows = out if sliced else out[pred]
     return list(rows.split(pred.sum(1).tolist()))
 
 
