@@ -723,8 +723,8 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
                                                    first_layer=first_layer))
     lower = None
     if cfg.heal_prompt_states == "fixed" and not first_layer:
-        raise DeccpError("heal_prompt_states: fixed needs corrections that start above decoder layer 0; this edit "
-                         "changes layer 0 (heal_layers: edited), so use heal_prompt_states: live")
+        raise DeccpError(f"heal_prompt_states: fixed needs corrections that start above decoder layer 0, and "
+                         f"heal_layers: {cfg.heal_layers} starts them at 0 for this edit; use heal_prompt_states: live")
     if first_layer:
         log(f"healing: corrections in layers {first_layer} and above ({len(adapters.targets)} modules)")
         t1 = time.time()
@@ -749,5 +749,5 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
 
 
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
-           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "first_corrected_layer", "fix_prompt_states", "heal", "plain_texts", "teacher_answers",
-           "text_targets", "train"]
+           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "first_corrected_layer", "fix_prompt_states",
+           "heal", "plain_texts", "teacher_answers", "text_targets", "train"]
