@@ -424,8 +424,9 @@ def fix_prompt_states(model, examples: list[HealExample], lower: LowerLayers, *,
     if lower.prefix_len:
         shared = prefix_cache(model, examples[0].input_ids[:lower.prefix_len], 1)
         prefix_kv = [(shared.layers[j].keys, shared.layers[j].values) for j in range(n_layers)]
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    by_length = sorted(examples, key=lambda e: e.n_prompt)  # less padding, as in `cache_lower_layers`
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start:start + batch_size]
         prompts = pack_prompts([e.input_ids[:e.n_prompt - 1] for e in chunk], lower.prefix_len, pad_id, device)
         cache = DynamicCache(config=model.config)
         for j, (k, v) in enumerate(prefix_kv or []):
