@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from deccp import DeccpError
+from deccp.abliteration import directions as directions_module
 from deccp.abliteration.config import AbliterationConfig
+from deccp.abliteration.directions import ResidualRecorder, collect_activations
 from deccp.abliteration.edits import EditPlan, ModuleEdit
 from deccp.abliteration.healing import (
     _balanced,
@@ -629,3 +631,56 @@ def test_heal_with_fixed_prompt_states_trains_on_the_answers_only(tiny_model_dir
     assert any(float(d.dense().abs().max()) > 0 for d in result.deltas)
     with contextlib.ExitStack() as stack, pytest.raises(DeccpError, match="heal_prompt_states: fixed"):
         healing.heal(model, tok, _plan(model), stack, prompts, cfg, log=lambda *_: None)
+
+
+def test_teacher_answers_record_the_direction_activations_of_the_same_pass(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir("qwen2"))
+    prompts = [p for p in load_prompts("ours:harmless:train") if p.lang in ("en", "zh")][:7]
+    with ResidualRecorder(model, len(prompts), (-1, -2)) as recorder:
+        texts, _ = teacher_answers(model, tok, "harmless", prompts, answer_tokens=3, top_k=4, batch_size=3,
+                                   recorder=recorder)
+    got = recorder.result()
+    acts, plain = collect_activations(model, tok, [p.text for p in prompts], positions=(-1, -2), batch_size=3,
+                                      answer_tokens=3)
+    assert got is not None and got.shape == acts.shape
+    assert torch.allclose(got, acts, atol=1e-4)
+    assert texts == plain
+    with ResidualRecorder(model, len(prompts), (-1,)) as partial:  # rows never recorded: no result
+        teacher_answers(model, tok, "harmless", prompts[:2], answer_tokens=2, top_k=4, batch_size=3, recorder=partial)
+    assert partial.result() is None
+
+
+def test_first_run_generates_the_originals_answers_once_for_directions_and_healing(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """With healing taking the original's answers to the direction pass's harmless and harmful prompts, one
+    generation serves both: only the sensitive prompts get a separate direction pass, and the healing finds its
+    original-teacher targets already cached. The directions and the behaviour filter equal those of separate
+    passes."""
+    src = tiny_model_dir("qwen2")
+    calls: list[int] = []
+    real = directions_module.collect_activations
+
+    def counting(model, tok, prompts, **kw):
+        calls.append(len(prompts))
+        return real(model, tok, prompts, **kw)
+
+    monkeypatch.setattr(directions_module, "collect_activations", counting)
+    cfg = AbliterationConfig(model=str(src), output_dir=str(tmp_path / "out"), dtype="float32", max_prompts=16,
+                             holdout=4, batch_size=8, direction_layer=1, check=False, answer_tokens=4,
+                             cache_dir=str(tmp_path / "acts"), heal=True, heal_prompts=16, heal_answer_tokens=6,
+                             heal_steps=1, heal_batch_size=4, heal_rank=2, heal_top_k=8)
+    lines: list[str] = []
+    shared = run(cfg, log=lines.append)
+    assert len(calls) == 1  # the sensitive prompts only
+    assert shared["unedited_cache_hits"] == 2  # the healing's harmless and harmful targets, from that pass
+    assert shared["selection"]["unedited"] is None  # a fixed layer: the held-back prompts choose nothing
+    calls.clear()
+    separate = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "out2"), cache_dir=str(tmp_path / "acts2"),
+                                       heal_answer_tokens=3), log=lines.append)  # shorter than the filter's prefix
+    assert len(calls) == 3 and separate["unedited_cache_hits"] == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "directions.safetensors")) for d in ("out", "out2"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    used = [line for line in lines if line.startswith("direction prompts used")]
+    assert len(used) == 2 and used[0] == used[1]

@@ -7,7 +7,9 @@ positions of each prompt's residual stream (after that layer). The pass is cache
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,58 @@ def decoder_layers(model):
     return layers
 
 
+class ResidualRecorder:
+    """While entered, every decoder layer is hooked; inside `rows(idx)` the first forward pass (a batch's prompt
+    pass, not the generation steps after it) stores the residual stream after each layer at `positions`
+    (negative offsets from the end of the prompt) for prompt rows `idx` of `n`. A generation routine that
+    takes a recorder arms it around each batch, so one pass yields both its answers and the activations."""
+
+    def __init__(self, model, n: int, positions: tuple[int, ...] = (-1,)):
+        self.layers = decoder_layers(model)
+        self.n, self.positions = n, list(positions)
+        self.keep = max(-p for p in self.positions)  # prompt tokens that must lie outside a shared prefix
+        self._buf: list[torch.Tensor | None] | None = None
+        self._chunks: list[tuple[list[int], torch.Tensor]] = []
+        self._handles: list = []
+
+    def _hook(self, i: int):
+        def hook(module, args, out):
+            if self._buf is not None and self._buf[i] is None:
+                h = out[0] if isinstance(out, tuple) else out
+                self._buf[i] = h[:, self.positions, :].float().cpu()
+        return hook
+
+    def __enter__(self):
+        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def rows(self, idx: list[int]):
+        """Arms the hooks for one batch whose rows are prompts `idx` (run the shared prefix before this)."""
+        self._buf = [None] * len(self.layers)
+        try:
+            yield
+            if any(b is None for b in self._buf):
+                raise RuntimeError("ResidualRecorder: a decoder layer did not run inside rows()")
+            self._chunks.append((list(idx), torch.stack(self._buf, dim=1)))
+        finally:
+            self._buf = None
+
+    def result(self) -> torch.Tensor | None:
+        """(n, n_layers, n_positions, d_model) float32 on CPU; None unless every row was recorded."""
+        if not self._chunks or sorted(i for idx, _ in self._chunks for i in idx) != list(range(self.n)):
+            return None
+        acts = torch.empty(self.n, len(self.layers), len(self.positions), self._chunks[0][1].shape[-1])
+        for idx, a in self._chunks:
+            acts[idx] = a
+        return acts
+
+
 @torch.no_grad()
 def collect_activations(model, tokenizer, prompts: list[str], *, positions: tuple[int, ...] = (-1,),
                         batch_size: int = 16, system: str | None = None, desc: str = "activations",
@@ -39,45 +93,27 @@ def collect_activations(model, tokenizer, prompts: list[str], *, positions: tupl
 
     With `answer_tokens` > 0 the same pass also generates that many greedy tokens (the activations are
     taken from its prompt pass), so each prompt comes with the start of the model's own answer."""
-    layers = decoder_layers(model)
     device = next(model.parameters()).device
-    buf: list[torch.Tensor | None] = [None] * len(layers)
-    pos = list(positions)
-
-    def make_hook(i):
-        def hook(module, args, out):
-            h = out[0] if isinstance(out, tuple) else out
-            if buf[i] is None:  # the prompt pass only, not the generation steps after it
-                buf[i] = h[:, pos, :].float().cpu()
-        return hook
-
-    handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
-    chunks = []
     texts = [""] * len(prompts)
-    try:
+    with ResidualRecorder(model, len(prompts), positions) as recorder:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
             idx = order[start:start + batch_size]
             # the positions read must lie after the shared prefix, which runs before the hooks are armed
-            batch = encode_prompts(tokenizer, [prompts[i] for i in idx], system, device=device,
-                                   keep=max(-p for p in pos))
+            batch = encode_prompts(tokenizer, [prompts[i] for i in idx], system, device=device, keep=recorder.keep)
             cache = batch.cache(model) if can_share(model) else None
-            buf[:] = [None] * len(layers)
-            if answer_tokens > 0:
-                out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False,
-                                     temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-                new = tokenizer.batch_decode(out[:, batch.width:], skip_special_tokens=True)
-                for j, t in zip(idx, new, strict=True):
-                    texts[j] = t.strip()
-            else:
-                batch.forward(model.model, cache=cache)  # the base model only: no LM head over the vocabulary
-            chunks.append((idx, torch.stack(buf, dim=1)))
-    finally:
-        for h in handles:
-            h.remove()
-    acts = torch.empty(len(prompts), len(layers), len(pos), chunks[0][1].shape[-1])
-    for idx, a in chunks:
-        acts[idx] = a
+            with recorder.rows(idx):
+                if answer_tokens > 0:
+                    out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False,
+                                         temperature=None, top_p=None, top_k=None,
+                                         pad_token_id=tokenizer.pad_token_id)
+                    new = tokenizer.batch_decode(out[:, batch.width:], skip_special_tokens=True)
+                    for j, t in zip(idx, new, strict=True):
+                        texts[j] = t.strip()
+                else:
+                    batch.forward(model.model, cache=cache)  # the base model only: no LM head over the vocabulary
+    acts = recorder.result()
+    assert acts is not None
     return acts, texts
 
 
@@ -102,11 +138,16 @@ class ActivationSet:
 
 
 def cached_activations(cache: BaselineCache | None, model, tokenizer, prompts: list[str], *, positions,
-                       batch_size: int, system: str | None, desc: str,
-                       answer_tokens: int = 0) -> tuple[torch.Tensor, list[str]]:
+                       batch_size: int, system: str | None, desc: str, answer_tokens: int = 0,
+                       shared: Callable[[], tuple[torch.Tensor, list[str]] | None] | None = None,
+                       ) -> tuple[torch.Tensor, list[str]]:
     """`collect_activations` of the unedited model, through `cache` (None: always computed); keyed by the
-    prompts and everything else that changes the activations."""
+    prompts and everything else that changes the activations. On a miss, `shared()` is tried first: another
+    pass that yields the same activations and answer prefixes on the way (None where it cannot)."""
     def compute():
+        got = shared() if shared is not None else None
+        if got is not None:
+            return {"acts": got[0]}, got[1]
         acts, texts = collect_activations(model, tokenizer, prompts, positions=tuple(positions), batch_size=batch_size,
                                           system=system, desc=desc, answer_tokens=answer_tokens)
         return {"acts": acts}, texts

@@ -34,6 +34,7 @@ import torch
 
 from deccp import DeccpError
 from deccp.abliteration.baseline_cache import BaselineCache
+from deccp.abliteration.directions import ResidualRecorder
 from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
 from deccp.prompt_batch import common_prefix_length
@@ -126,7 +127,8 @@ class _ForceFirstToken:
 @torch.no_grad()
 def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answer_tokens: int, top_k: int,
                     batch_size: int, system: str | None = None,
-                    start_with: list[tuple[int, list[int]]] | None = None) -> tuple[list[str], list[HealExample]]:
+                    start_with: list[tuple[int, list[int]]] | None = None,
+                    recorder: ResidualRecorder | None = None) -> tuple[list[str], list[HealExample]]:
     """The model's greedy answers of up to `answer_tokens` tokens, as it is now (the caller sets the teacher:
     original, or with the edit live), and from the same pass its top-k next-token log-probabilities at each
     answer position. The targets follow the generated token ids themselves (up to and including an end-of-turn
@@ -136,12 +138,15 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
     conditioned on not choosing the `excluded` tokens there (masked out of the first position's distribution,
     which is renormalised; `token` should be the most likely of the rest, so the answer stays greedy).
 
+    `recorder` (entered, sized for `prompts`): the same prompt passes also record the residual stream for the
+    direction pass, so the original's answers serve the direction filter and the healing targets alike.
+
     Returns the answer texts (stripped, special tokens dropped, as `short_answers` gives them) and one example
     per prompt, both in the order of `prompts`."""
     from transformers import LogitsProcessorList
 
     from deccp.generation import stop_token_ids
-    from deccp.prompt_batch import encode_prompts
+    from deccp.prompt_batch import can_share, encode_prompts
 
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
@@ -150,14 +155,17 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text), reverse=True)  # less padding
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = encode_prompts(tokenizer, [prompts[i].text for i in idx], system, device=device)
+        batch = encode_prompts(tokenizer, [prompts[i].text for i in idx], system, device=device,
+                               keep=recorder.keep if recorder else 1)
         width = batch.width
         starts = [start_with[i] if start_with else None for i in idx]
         extra = ({"logits_processor": LogitsProcessorList([_ForceFirstToken(width, [x and x[0] for x in starts])])}
                  if any(starts) else {})
-        out = batch.generate(model, max_new_tokens=answer_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                             return_dict_in_generate=True, **extra)
+        cache = batch.cache(model) if recorder is not None and can_share(model) else None  # before the hooks arm
+        with recorder.rows(idx) if recorder is not None else contextlib.nullcontext():
+            out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                                 return_dict_in_generate=True, **extra)
         logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab): raw, before any logits processor
         for row, i in enumerate(idx):
             new = out.sequences[row, width:].tolist()
@@ -198,15 +206,16 @@ def answers_instead_of_refusals(model, tokenizer, prompts: list[Prompt], texts: 
 
 
 def cached_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: str, prompts: list[Prompt], *,
-                           answer_tokens: int, top_k: int, batch_size: int,
-                           system: str | None = None) -> tuple[list[str], list[HealExample]]:
-    """`teacher_answers` of the unedited model, through `cache` (None: always computed)."""
+                           answer_tokens: int, top_k: int, batch_size: int, system: str | None = None,
+                           recorder: ResidualRecorder | None = None) -> tuple[list[str], list[HealExample]]:
+    """`teacher_answers` of the unedited model, through `cache` (None: always computed). `recorder` is filled only
+    when the answers are computed, not when they come from the cache."""
     kw = dict(answer_tokens=answer_tokens, top_k=top_k, batch_size=batch_size, system=system)
     if cache is None or not prompts:
-        return teacher_answers(model, tokenizer, kind, prompts, **kw)
+        return teacher_answers(model, tokenizer, kind, prompts, recorder=recorder, **kw)
 
     def compute():
-        texts, examples = teacher_answers(model, tokenizer, kind, prompts, **kw)
+        texts, examples = teacher_answers(model, tokenizer, kind, prompts, recorder=recorder, **kw)
         tensors = {name: torch.cat([getattr(e, name) for e in examples]) for name in ("top_idx", "top_logp", "rest_logp")}
         return tensors, {"texts": texts, "input_ids": [e.input_ids for e in examples],
                          "n_prompt": [e.n_prompt for e in examples]}
@@ -646,6 +655,15 @@ def _balanced(items: list[_T], n: int) -> list[_T]:
     return out
 
 
+def original_teacher_prompts(prompts: dict[str, list[Prompt]], cfg) -> dict[str, list[Prompt]]:
+    """The prompts whose answers by the original model `heal` takes (through the cache), by kind: up to
+    `heal_prompts` harmless ones, and harmful ones with `heal_harmful`; languages alternate."""
+    out = {"harmless": _balanced(prompts.get("harmless", []), cfg.heal_prompts)}
+    if cfg.heal_harmful:
+        out["harmful"] = _balanced(prompts.get("harmful", []), cfg.heal_prompts)
+    return out
+
+
 def first_corrected_layer(heal_layers: str | int, plan, layers) -> int:
     """The first decoder layer that gets corrections for a `heal_layers` setting: all (0), edited (the first
     layer the edit changes), or a layer index, which must name one of `layers`."""
@@ -678,13 +696,14 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
 
     examples: list[HealExample] = []
     counts: dict[str, int] = {}
-    harmless = _balanced(prompts.get("harmless", []), cfg.heal_prompts)
+    original = original_teacher_prompts(prompts, cfg)
+    harmless = original["harmless"]
     texts, found = answers("harmless", harmless, cache)
     refused = [(p, is_refusal(t, p.lang)) for p, t in zip(harmless, texts, strict=True)]
     examples += [e for e, (_, r) in zip(found, refused, strict=True) if not r]
     counts["harmless"] = sum(not r for _, r in refused)
     if cfg.heal_harmful:
-        ps = _balanced(prompts.get("harmful", []), cfg.heal_prompts)
+        ps = original["harmful"]
         texts, found = answers("harmful", ps, cache)
         kept = [e for e, p, t in zip(found, ps, texts, strict=True) if is_refusal(t, p.lang)]
         examples += kept
@@ -751,4 +770,4 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
 
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
            "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "first_corrected_layer", "fix_prompt_states",
-           "heal", "plain_texts", "teacher_answers", "text_targets", "train"]
+           "heal", "original_teacher_prompts", "plain_texts", "teacher_answers", "text_targets", "train"]

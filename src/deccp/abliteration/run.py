@@ -14,9 +14,9 @@ from pathlib import Path
 from deccp import DeccpError, __version__
 from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.abliteration.config import AbliterationConfig
-from deccp.abliteration.directions import cached_activations, compute_directions, mean_set
+from deccp.abliteration.directions import ResidualRecorder, cached_activations, compute_directions, mean_set
 from deccp.abliteration.edits import Kernel, LiveEdit, check_architecture
-from deccp.abliteration.healing import HealResult, heal
+from deccp.abliteration.healing import HealResult, cached_teacher_answers, heal, original_teacher_prompts
 from deccp.abliteration.plan import EditParams, build_plan
 from deccp.abliteration.scoring import Measurement, PromptSets, Scorer, cached_short_answers
 from deccp.abliteration.search import candidate_layers, layer_sweep, optuna_search
@@ -78,6 +78,40 @@ def behavior_subset(acts, texts: list[str], prompts: list[Prompt], want_refusal:
     if len(keep) < cfg.min_filtered:
         return acts, f"{len(prompts)} (only {len(keep)} {'refused' if want_refusal else 'answered'}: unfiltered)"
     return acts[keep], f"{len(keep)}/{len(prompts)} {'refused' if want_refusal else 'answered'}"
+
+
+def _with_healing_targets(cache: BaselineCache, model, tok, key: str, prompts: list[Prompt], cfg: AbliterationConfig):
+    """For the harmless and harmful direction sets when healing takes the original's answers to the same prompts:
+    a function that generates those answers (stored in `cache` for `heal`) while recording the direction pass's
+    activations, and returns them with the answer prefixes the behaviour filter reads. One generation instead of
+    two on a first run. None where that does not apply."""
+    kind = {"good": "harmless", "harmful": "harmful"}.get(key)
+    if not (cfg.heal and cfg.filter_by_behavior and kind and cache.root is not None
+            and cfg.heal_answer_tokens >= cfg.answer_tokens):
+        return None
+    teacher = original_teacher_prompts({kind: prompts}, cfg).get(kind)
+    at = {(p.text, p.lang): i for i, p in enumerate(prompts)}
+    if teacher is None or len(teacher) != len(prompts) or {(p.text, p.lang) for p in teacher} != set(at):
+        return None
+
+    def compute():
+        import torch
+
+        with ResidualRecorder(model, len(teacher), cfg.positions) as recorder:
+            _, examples = cached_teacher_answers(cache, model, tok, kind, teacher, answer_tokens=cfg.heal_answer_tokens,
+                                                 top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
+                                                 system=cfg.system_prompt, recorder=recorder)
+        got = recorder.result()  # None when the answers came from the cache: the caller runs its own pass
+        if got is None:
+            return None
+        order = [at[(p.text, p.lang)] for p in teacher]
+        acts, texts = torch.empty_like(got), [""] * len(prompts)
+        acts[order] = got
+        for i, e in zip(order, examples, strict=True):
+            texts[i] = tok.decode(e.input_ids[e.n_prompt:][:cfg.answer_tokens], skip_special_tokens=True).strip()
+        return acts, texts
+
+    return compute
 
 
 def _texts_hash(prompts: list[Prompt]) -> str:
@@ -149,7 +183,8 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
     for key, ps, want_refusal in (("bad", bad, True), ("good", good, False), ("harmful", harmful, True)):
         a, texts = cached_activations(unedited_cache, model, tok, [p.text for p in ps], positions=cfg.positions,
                                       batch_size=cfg.batch_size, system=cfg.system_prompt, desc=f"{key} activations",
-                                      answer_tokens=cfg.answer_tokens if cfg.filter_by_behavior else 0)
+                                      answer_tokens=cfg.answer_tokens if cfg.filter_by_behavior else 0,
+                                      shared=_with_healing_targets(unedited_cache, model, tok, key, ps, cfg))
         acts[key], used[key] = behavior_subset(a, texts, ps, want_refusal, cfg)
     log("direction prompts used (by the model's own behaviour): " + ", ".join(f"{k} {v}" for k, v in used.items()))
     def directions_at(position: int | None):
@@ -164,10 +199,12 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
 
     n_layers = model.config.num_hidden_layers
     names = [n for n, _ in model.named_parameters()]
-    scorer = Scorer(model, tok, PromptSets(bad_held, harmful_held, good_held), max_new_tokens=cfg.score_max_new_tokens,
-                    batch_size=cfg.batch_size, system=cfg.system_prompt, kl_weight=cfg.kl_weight,
-                    harmful_weight=cfg.harmful_weight, cache=unedited_cache)
-    log(f"unedited (held-back prompts): refusal {scorer.base.refusal}")
+    scorer = None  # the held-back prompts are measured only when they choose something
+    if cfg.search or cfg.direction_layer is None:
+        scorer = Scorer(model, tok, PromptSets(bad_held, harmful_held, good_held),
+                        max_new_tokens=cfg.score_max_new_tokens, batch_size=cfg.batch_size, system=cfg.system_prompt,
+                        kl_weight=cfg.kl_weight, harmful_weight=cfg.harmful_weight, cache=unedited_cache)
+        log(f"unedited (held-back prompts): refusal {scorer.base.refusal}")
     search_info: dict = {}
     if cfg.search:
         study = Path(cfg.study_path) if cfg.study_path else out.with_name(out.name + ".study.db")
@@ -218,7 +255,7 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
             check = check_after(model, tok, baseline, cfg)
             t = lap("check", t)
             timings["check"] = round(timings["check"] + baseline_s, 2)
-    unedited = scorer.base.to_dict()
+    unedited = scorer.base.to_dict() if scorer is not None else None
     del model, scorer, baseline  # the edit streams from the source shards: free the in-memory copy first
     release_memory()
 
