@@ -91,7 +91,8 @@ def _with_healing_targets(cache: BaselineCache, model, tok, key: str, prompts: l
         return None
     teacher = original_teacher_prompts({kind: prompts}, cfg).get(kind)
     at = {(p.text, p.lang): i for i, p in enumerate(prompts)}
-    if teacher is None or len(teacher) != len(prompts) or {(p.text, p.lang) for p in teacher} != set(at):
+    if (teacher is None or len(teacher) != len(prompts) or len(at) != len(prompts)  # a duplicate: no 1:1 order
+            or {(p.text, p.lang) for p in teacher} != set(at)):
         return None
 
     def compute():
