@@ -684,3 +684,19 @@ def test_first_run_generates_the_originals_answers_once_for_directions_and_heali
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     used = [line for line in lines if line.startswith("direction prompts used")]
     assert len(used) == 2 and used[0] == used[1]
+
+
+def test_shared_original_pass_applies_only_where_healing_takes_the_same_prompts(tmp_path):
+    from deccp.abliteration.baseline_cache import BaselineCache
+    from deccp.abliteration.run import _with_healing_targets
+
+    cache = BaselineCache(tmp_path, "m")
+    ps = [p for p in load_prompts("ours:harmless:train") if p.lang in ("en", "zh")][:6]
+    cfg = AbliterationConfig(heal=True, heal_prompts=6, answer_tokens=4, heal_answer_tokens=4)
+    assert _with_healing_targets(cache, None, None, "good", ps, cfg) is not None
+    assert _with_healing_targets(cache, None, None, "bad", ps, cfg) is None  # the edit teaches sensitive prompts
+    assert _with_healing_targets(cache, None, None, "good", ps[:5] + ps[:1], cfg) is None  # a duplicate
+    for change in ({"heal_prompts": 5}, {"heal": False}, {"heal_answer_tokens": 3}, {"filter_by_behavior": False}):
+        assert _with_healing_targets(cache, None, None, "good", ps, dataclasses.replace(cfg, **change)) is None
+    assert _with_healing_targets(BaselineCache(None, "m"), None, None, "good", ps, cfg) is None
+    assert _with_healing_targets(cache, None, None, "harmful", ps, dataclasses.replace(cfg, heal_harmful=False)) is None
