@@ -161,7 +161,7 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
         starts = [start_with[i] if start_with else None for i in idx]
         extra = ({"logits_processor": LogitsProcessorList([_ForceFirstToken(width, [x and x[0] for x in starts])])}
                  if any(starts) else {})
-        cache = batch.cache(model) if recorder is not None and can_share(model) else None  # before the hooks arm
+        cache = batch.cache(model) if can_share(model) else None  # the shared prefix runs before the hooks arm
         with recorder.rows(idx) if recorder is not None else contextlib.nullcontext():
             out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False, temperature=None,
                                  top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
