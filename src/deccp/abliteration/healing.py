@@ -655,6 +655,15 @@ def _balanced(items: list[_T], n: int) -> list[_T]:
     return out
 
 
+def heal_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: str, prompts: list[Prompt], cfg,
+                         recorder: ResidualRecorder | None = None) -> tuple[list[str], list[HealExample]]:
+    """`cached_teacher_answers` with `cfg`'s healing settings: the one place that fixes how `heal` asks for a
+    teacher's answers, so an earlier pass that stores them (the direction pass) stores what `heal` will read."""
+    return cached_teacher_answers(cache, model, tokenizer, kind, prompts, answer_tokens=cfg.heal_answer_tokens,
+                                  top_k=cfg.heal_top_k, batch_size=cfg.batch_size, system=cfg.system_prompt,
+                                  recorder=recorder)
+
+
 def original_teacher_prompts(prompts: dict[str, list[Prompt]], cfg) -> dict[str, list[Prompt]]:
     """The prompts whose answers by the original model `heal` takes (through the cache), by kind: up to
     `heal_prompts` harmless ones, and harmful ones with `heal_harmful`; languages alternate."""
@@ -691,8 +700,7 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     t0 = time.time()
 
     def answers(kind: str, ps: list[Prompt], cache: BaselineCache | None = None):
-        return cached_teacher_answers(cache, model, tokenizer, kind, ps, answer_tokens=cfg.heal_answer_tokens,
-                                      top_k=cfg.heal_top_k, batch_size=cfg.batch_size, system=cfg.system_prompt)
+        return heal_teacher_answers(cache, model, tokenizer, kind, ps, cfg)
 
     examples: list[HealExample] = []
     counts: dict[str, int] = {}
@@ -770,4 +778,5 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
 
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
            "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "first_corrected_layer", "fix_prompt_states",
-           "heal", "original_teacher_prompts", "plain_texts", "teacher_answers", "text_targets", "train"]
+           "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts", "teacher_answers",
+           "text_targets", "train"]

@@ -16,7 +16,7 @@ from deccp.abliteration.baseline_cache import BaselineCache
 from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.directions import ResidualRecorder, cached_activations, compute_directions, mean_set
 from deccp.abliteration.edits import Kernel, LiveEdit, check_architecture
-from deccp.abliteration.healing import HealResult, cached_teacher_answers, heal, original_teacher_prompts
+from deccp.abliteration.healing import HealResult, heal, heal_teacher_answers, original_teacher_prompts
 from deccp.abliteration.plan import EditParams, build_plan
 from deccp.abliteration.scoring import Measurement, PromptSets, Scorer, cached_short_answers
 from deccp.abliteration.search import candidate_layers, layer_sweep, optuna_search
@@ -99,9 +99,7 @@ def _with_healing_targets(cache: BaselineCache, model, tok, key: str, prompts: l
         import torch
 
         with ResidualRecorder(model, len(teacher), cfg.positions) as recorder:
-            _, examples = cached_teacher_answers(cache, model, tok, kind, teacher, answer_tokens=cfg.heal_answer_tokens,
-                                                 top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
-                                                 system=cfg.system_prompt, recorder=recorder)
+            _, examples = heal_teacher_answers(cache, model, tok, kind, teacher, cfg, recorder=recorder)
         got = recorder.result()  # None when the answers came from the cache: the caller runs its own pass
         if got is None:
             return None
