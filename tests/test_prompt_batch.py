@@ -8,7 +8,7 @@ import torch
 
 from deccp.chat import render_prompt
 from deccp.models import load_model
-from deccp.prompt_batch import MIN_SHARED_PREFIX, common_prefix_length, encode_prompts
+from deccp.prompt_batch import MIN_SHARED_PREFIX, common_prefix_length, encode_prompts, longest_first
 
 SYSTEM = "You are a careful assistant. Answer the question in a few plain sentences, with facts."
 PROMPTS = ["What is the capital of France?", "Explain photosynthesis in simple terms, please.", "台湾的政治地位是什么？",
@@ -27,6 +27,27 @@ def test_common_prefix_length():
     assert common_prefix_length([head, head]) == 9  # each keeps at least its last token
     assert common_prefix_length([head[:MIN_SHARED_PREFIX - 1] + [1], head[:MIN_SHARED_PREFIX - 1] + [2]]) == 0
     assert common_prefix_length([head + [1], [0] + head]) == 0
+
+
+def test_longest_first_orders_by_tokens_not_characters(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    # an English question long in characters, a Chinese one long in tokens, a short one, and a repeat
+    texts = ["What is the tallest mountain on Earth and how tall is it?", "Name three rivers in Europe, please.",
+             "请简要介绍一下一九八九年发生的事情", "How are you?", "Name three rivers in Europe, please."]
+    counts = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = longest_first(tok, texts)
+    assert sorted(order) == list(range(len(texts)))
+    assert [counts[i] for i in order] == sorted(counts, reverse=True)
+    assert order.index(1) < order.index(4)  # equal texts keep their order
+    by_chars = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    assert [counts[i] for i in by_chars] != sorted(counts, reverse=True)  # characters would have grouped them otherwise
+
+    def padded(idx, size=2):
+        return sum(max(counts[i] for i in idx[k:k + size]) * len(idx[k:k + size]) for k in range(0, len(idx), size))
+
+    four = texts[:4]  # in batches of two: by tokens [34, 34] [26, 7] tokens, by characters [34, 26] [34, 7]
+    assert padded(longest_first(tok, four)) < padded(sorted(range(4), key=lambda i: len(four[i]), reverse=True))
+    assert longest_first(tok, []) == []
 
 
 def test_layout_is_prefix_padding_tail(tiny_model_dir):

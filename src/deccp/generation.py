@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from deccp.prompt_batch import PromptBatch, can_share, encode_prompts
+from deccp.packed import packed_linears
+from deccp.prompt_batch import PromptBatch, can_share, encode_prompts, longest_first
 
 logger = logging.getLogger(__name__)
 
@@ -152,29 +154,30 @@ def generate_samples(model, tokenizer, prompts: list[str], settings: GenerationS
         else:
             todo.append(p)
     # longest first: less padding per batch, and the slowest batch shows up early
-    todo.sort(key=len, reverse=True)
+    todo = [todo[i] for i in longest_first(tokenizer, todo)]
     n = settings.num_samples if settings.do_sample else 1
     device = next(model.parameters()).device
     bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, leave=False)
-    for start in range(0, len(todo), settings.batch_size):
-        chunk = todo[start:start + settings.batch_size]
-        batch = encode_prompts(tokenizer, chunk, settings.system_prompt, device=device)
-        kwargs = dict(pad_token_id=tokenizer.pad_token_id)
-        if settings.do_sample:
-            torch.manual_seed(settings.seed + start)
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
-            new = generate_pruned(model, batch, max_new_tokens=settings.max_new_tokens, stops=stops, copies=n,
-                                  **kwargs)
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        samples = [Sample(t.strip(), bool(row) and row[-1] in stops) for t, row in zip(texts, new, strict=True)]
-        items = [(p, samples[i * n:(i + 1) * n]) for i, p in enumerate(chunk)]
-        for p, a in items:
-            results[p] = a
-        if cache:
-            cache.add(items)
-        bar.update(len(chunk))
+    with packed_linears(model) if todo else contextlib.nullcontext():
+        for start in range(0, len(todo), settings.batch_size):
+            chunk = todo[start:start + settings.batch_size]
+            batch = encode_prompts(tokenizer, chunk, settings.system_prompt, device=device)
+            kwargs = dict(pad_token_id=tokenizer.pad_token_id)
+            if settings.do_sample:
+                torch.manual_seed(settings.seed + start)
+                kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                new = generate_pruned(model, batch, max_new_tokens=settings.max_new_tokens, stops=stops, copies=n,
+                                      **kwargs)
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            samples = [Sample(t.strip(), bool(row) and row[-1] in stops) for t, row in zip(texts, new, strict=True)]
+            items = [(p, samples[i * n:(i + 1) * n]) for i, p in enumerate(chunk)]
+            for p, a in items:
+                results[p] = a
+            if cache:
+                cache.add(items)
+            bar.update(len(chunk))
     bar.close()
     return [results[p] for p in prompts]

@@ -159,7 +159,7 @@ def _iter_reference(ref_model, tokenizer, prompts: Sequence[str], max_new_tokens
                     system: str | None) -> Iterator[ReferenceBatch]:
     import torch
 
-    from deccp.prompt_batch import encode_prompts
+    from deccp.prompt_batch import encode_prompts, longest_first
 
     if not prompts:
         raise DeccpError("KL: no prompts given")
@@ -168,8 +168,9 @@ def _iter_reference(ref_model, tokenizer, prompts: Sequence[str], max_new_tokens
     device = _device(ref_model)
     eos = _eos_ids(ref_model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
+    order = [prompts[i] for i in longest_first(tokenizer, list(prompts))]  # less padding; the sums ignore order
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
         batch = encode_prompts(tokenizer, chunk, system, device=device)
         prompt_len = batch.width
         with torch.no_grad():

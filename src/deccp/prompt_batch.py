@@ -112,6 +112,17 @@ class PromptBatch:
                       **kwargs)
 
 
+def longest_first(tokenizer, texts: list[str]) -> list[int]:
+    """Indices of `texts` ordered by token count, longest first (ties keep their order). Batches cut from this
+    order hold prompts of similar length, so little of each batch is padding. Counting characters instead groups
+    badly when English and Chinese are mixed (a Chinese character is about one token, an English word one): on
+    our 96 sensitive direction prompts, batches of 48 were 59 % padding by characters and 33 % by tokens."""
+    if not texts:
+        return []
+    counts = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return sorted(range(len(texts)), key=lambda i: counts[i], reverse=True)
+
+
 def encode_prompts(tokenizer, prompts: list[str], system: str | None = None, device=None, *, keep: int = 1,
                    share: bool = True) -> PromptBatch:
     """Chat-format and tokenize `prompts` (special tokens from the template) into a `PromptBatch`. `keep`: tokens

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from deccp.abliteration.baseline_cache import BaselineCache, cached
-from deccp.prompt_batch import can_share, encode_prompts
+from deccp.packed import packed_linears
+from deccp.prompt_batch import can_share, encode_prompts, longest_first
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ def collect_activations(model, tokenizer, prompts: list[str], *, positions: tupl
     taken from its prompt pass), so each prompt comes with the start of the model's own answer."""
     device = next(model.parameters()).device
     texts = [""] * len(prompts)
-    with ResidualRecorder(model, len(prompts), positions) as recorder:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    with packed_linears(model), ResidualRecorder(model, len(prompts), positions) as recorder:
+        order = longest_first(tokenizer, prompts)
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
             idx = order[start:start + batch_size]
             # the positions read must lie after the shared prefix, which runs before the hooks are armed

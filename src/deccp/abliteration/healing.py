@@ -146,39 +146,41 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
     from transformers import LogitsProcessorList
 
     from deccp.generation import stop_token_ids
-    from deccp.prompt_batch import can_share, encode_prompts
+    from deccp.packed import packed_linears
+    from deccp.prompt_batch import can_share, encode_prompts, longest_first
 
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
     texts: list[str] = [""] * len(prompts)
     examples: list[HealExample | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].text), reverse=True)  # less padding
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = encode_prompts(tokenizer, [prompts[i].text for i in idx], system, device=device,
-                               keep=recorder.keep if recorder else 1)
-        width = batch.width
-        starts = [start_with[i] if start_with else None for i in idx]
-        extra = ({"logits_processor": LogitsProcessorList([_ForceFirstToken(width, [x and x[0] for x in starts])])}
-                 if any(starts) else {})
-        cache = batch.cache(model) if can_share(model) else None  # the shared prefix runs before the hooks arm
-        with recorder.rows(idx) if recorder is not None else contextlib.nullcontext():
-            out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                                 return_dict_in_generate=True, **extra)
-        logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab): raw, before any logits processor
-        for row, i in enumerate(idx):
-            new = out.sequences[row, width:].tolist()
-            n = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
-            prompt_ids = batch.prompt_ids(row)
-            raw = logits[row, :n].float()
-            if starts[row] and starts[row][1]:
-                raw[0, starts[row][1]] = float("-inf")
-            logp = raw.log_softmax(-1)
-            val, top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-            examples[i] = HealExample(kind, prompt_ids + new[:n], len(prompt_ids), top.cpu(), val.cpu(),
-                                      _log_rest(val).cpu())
-            texts[i] = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+    order = longest_first(tokenizer, [p.text for p in prompts])  # less padding
+    with packed_linears(model):  # decoding steps run on packed weights
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = encode_prompts(tokenizer, [prompts[i].text for i in idx], system, device=device,
+                                   keep=recorder.keep if recorder else 1)
+            width = batch.width
+            starts = [start_with[i] if start_with else None for i in idx]
+            extra = ({"logits_processor": LogitsProcessorList([_ForceFirstToken(width, [x and x[0] for x in starts])])}
+                     if any(starts) else {})
+            cache = batch.cache(model) if can_share(model) else None  # the shared prefix runs before the hooks arm
+            with recorder.rows(idx) if recorder is not None else contextlib.nullcontext():
+                out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                                     return_dict_in_generate=True, **extra)
+            logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab): raw, before any logits processor
+            for row, i in enumerate(idx):
+                new = out.sequences[row, width:].tolist()
+                n = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
+                prompt_ids = batch.prompt_ids(row)
+                raw = logits[row, :n].float()
+                if starts[row] and starts[row][1]:
+                    raw[0, starts[row][1]] = float("-inf")
+                logp = raw.log_softmax(-1)
+                val, top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+                examples[i] = HealExample(kind, prompt_ids + new[:n], len(prompt_ids), top.cpu(), val.cpu(),
+                                          _log_rest(val).cpu())
+                texts[i] = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
     return texts, [e for e in examples if e is not None]
 
 

@@ -25,6 +25,7 @@ from deccp.data.load import load_prompts
 from deccp.data.schema import Prompt
 from deccp.io import atomic_directory, atomic_write_json, ensure_not_inside
 from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, release_memory, resolve_model
+from deccp.packed import packed_linears
 from deccp.report import format_change
 
 logger = logging.getLogger(__name__)
@@ -251,7 +252,8 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
         else:
             edited.enter_context(LiveEdit(model, plan))
         if baseline is not None:
-            check = check_after(model, tok, baseline, cfg)
+            with packed_linears(model):  # one packing for the measure and the examples
+                check = check_after(model, tok, baseline, cfg)
             t = lap("check", t)
             timings["check"] = round(timings["check"] + baseline_s, 2)
     unedited = scorer.base.to_dict() if scorer is not None else None

@@ -19,7 +19,8 @@ from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
 from deccp.judges.refusal import is_refusal
 from deccp.metrics import kl_per_position, rate_ci
-from deccp.prompt_batch import encode_prompts
+from deccp.packed import packed_linears
+from deccp.prompt_batch import encode_prompts, longest_first
 
 
 @dataclass
@@ -48,21 +49,22 @@ def short_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(prompts)
     first: torch.Tensor | None = None
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = encode_prompts(tokenizer, [prompts[i] for i in idx], system, device=device)
-        grab = _FirstStepLogits()
-        out = batch.generate(model, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id,
-                             logits_processor=LogitsProcessorList([grab]))
-        new = out[:, batch.width:]
-        for j, t in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
-            texts[j] = t.strip()
-        logp = torch.log_softmax(grab.logits.float(), dim=-1).cpu()
-        if first is None:
-            first = torch.empty(len(prompts), logp.shape[-1])
-        first[idx] = logp
+    order = longest_first(tokenizer, prompts)
+    with packed_linears(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = encode_prompts(tokenizer, [prompts[i] for i in idx], system, device=device)
+            grab = _FirstStepLogits()
+            out = batch.generate(model, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                 logits_processor=LogitsProcessorList([grab]))
+            new = out[:, batch.width:]
+            for j, t in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+                texts[j] = t.strip()
+            logp = torch.log_softmax(grab.logits.float(), dim=-1).cpu()
+            if first is None:
+                first = torch.empty(len(prompts), logp.shape[-1])
+            first[idx] = logp
     assert first is not None
     return texts, first
 
