@@ -1,19 +1,24 @@
 """Linear layers on oneDNN-packed weights for the inference passes of a float32 model on a CPU.
 
-A decoding step multiplies a few rows (one per answer being generated) by every weight matrix. PyTorch's
-default float32 matmul on a CPU re-lays the weight out for every such call, so a step costs far more than reading
-the weights. `packed_linears(model)` converts each `nn.Linear` weight to oneDNN's own layout (`to_mkldnn`) once
-for a whole pass and back after it, bit for bit. On the 2-core fp32 CPU, with the default model: a decoding step
-of 3 rows took 0.16 s instead of 0.43 s, of 48 rows 0.51 s instead of 0.78 s; 32 eval prompts with 128-token
-answers in batches of 16 took 67.8 s instead of 111.8 s, with the same answers. Prompt passes over many tokens
-gain nothing (about as fast either way), so passes that only run prompts are left as they are.
+A decoding step multiplies a few rows (one per answer being generated) by every weight matrix, and PyTorch's
+default float32 matmul handles such thin products poorly on a CPU. `packed_linears(model)` makes a copy of each
+`nn.Linear` weight in oneDNN's own layout (`to_mkldnn`) once for a whole pass and runs the layer on it. On the
+2-core fp32 CPU, with the default model: a decoding step of 3 rows took 0.16 s instead of 0.43 s, of 48 rows 0.51 s
+instead of 0.78 s; 32 eval prompts with 128-token answers in batches of 16 took 67.8 s instead of 111.8 s, with the
+same answers (those two with the output head packed too). A prompt pass over many tokens ran about 5 % slower packed (48 prompts of 60 tokens: 17.7-18.5 s
+against 16.9-17.2 s), so passes that only run prompts (KL references, capability, healing's precomputation) stay
+dense.
 
 What changes during the pass is only each module's `forward`: the module objects, their parameters, their hooks
-(a live edit, healing's corrections, the activation recorder) stay where they are. The dense weight is not kept
-beside the packed one (that would double the model's memory): inside the pass `module.weight` is an empty tensor,
-so code that reads it there fails instead of computing with something stale. Skipped: modules on another device
-or dtype, subclasses of `nn.Linear` (quantized or adapter layers), weights shared with another parameter (a tied
-output head), modules whose `forward` was already replaced. `DECCP_PACKED_LINEARS=0` turns it off.
+(a live edit, healing's corrections, the activation recorder) stay where they are, and so do the dense weights: a
+model loaded from safetensors keeps them in the file's memory map, so dropping them would save nothing and
+restoring them would add a private copy. The packed copies are extra memory for the pass (the default model: 2 GB)
+and are freed, with the heap trimmed, when it ends; where the machine has less than 1.5 times that free, the pass
+runs on the dense weights. Weights must not change inside a pass (the packed copy would not see it). Skipped: the
+output head (a quarter of the default model's weights: packing it too raised the default abliteration's peak RSS
+above 6 GB), modules on another device or dtype, subclasses of `nn.Linear` (quantized or adapter layers), weights shared with
+another parameter (a tied output head), modules whose `forward` was already replaced. `DECCP_PACKED_LINEARS=0`
+turns it off.
 """
 
 from __future__ import annotations
@@ -76,25 +81,43 @@ def _shared_storages(model) -> set[int]:
     return {ptr for ptr, n in seen.items() if n > 1}
 
 
+def _available_memory() -> int | None:
+    """Bytes the kernel reports as available (Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def packed_linears(model):
-    """Run the body (an inference pass, under `torch.no_grad`) with `model`'s linear layers on packed weights;
-    every weight is back, unchanged, when it ends, also on an error. Nested use packs nothing more."""
-    swapped: list[tuple[torch.nn.Linear, torch.Tensor]] = []
+    """Run the body (an inference pass, under `torch.no_grad`) with `model`'s linear layers on packed copies of
+    their weights; every module is as it was when it ends, also on an error. Nested use packs nothing more."""
+    from deccp.models import release_memory
+
+    swapped: list[torch.nn.Linear] = []
     with torch.no_grad():
         try:
             if enabled():
                 shared = _shared_storages(model)
-                for mod in model.modules():
-                    if not _packable(mod, shared):
-                        continue
-                    packed = mod.weight.detach().to_mkldnn()
-                    bias = (mod.bias.detach() if mod.bias is not None else torch.zeros(mod.out_features)).to_mkldnn()
-                    mod.forward = _packed_forward(packed, bias, mod.out_features)
-                    swapped.append((mod, packed))
-                    mod.weight.data = torch.empty(0, dtype=torch.float32)
+                head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+                mods = [m for m in model.modules() if m is not head and _packable(m, shared)]
+                need, free = sum(m.weight.numel() * 4 for m in mods), _available_memory()
+                if free is not None and need * 1.5 > free:
+                    logger.info("packed linears: %.1f GB needed, %.1f GB available; running on the dense weights",
+                                need / 1e9, free / 1e9)
+                    mods = []
+                for mod in mods:
+                    bias = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.out_features)
+                    mod.forward = _packed_forward(mod.weight.detach().to_mkldnn(), bias.to_mkldnn(), mod.out_features)
+                    swapped.append(mod)
             yield model
         finally:
-            for mod, packed in swapped:
-                mod.weight.data = packed.to_dense()
+            for mod in swapped:
                 del mod.forward
+            if swapped:
+                release_memory()

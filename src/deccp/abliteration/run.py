@@ -248,6 +248,7 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
         if cfg.heal:
             healed = heal(model, tok, plan, edited, {"harmless": good, "harmful": harmful, "sensitive": bad}, cfg, log,
                           cache=unedited_cache)
+            release_memory()  # healing's caches are garbage now; the check's packed weights need the room
             t = lap("healing", t)
         else:
             edited.enter_context(LiveEdit(model, plan))
