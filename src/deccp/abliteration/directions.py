@@ -96,7 +96,8 @@ def collect_activations(model, tokenizer, prompts: list[str], *, positions: tupl
     taken from its prompt pass), so each prompt comes with the start of the model's own answer."""
     device = next(model.parameters()).device
     texts = [""] * len(prompts)
-    with packed_linears(model), ResidualRecorder(model, len(prompts), positions) as recorder:
+    packing = packed_linears(model) if answer_tokens > 0 else contextlib.nullcontext()  # prompts only: dense
+    with packing, ResidualRecorder(model, len(prompts), positions) as recorder:
         order = longest_first(tokenizer, prompts)
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
             idx = order[start:start + batch_size]
