@@ -3,22 +3,21 @@
 A decoding step multiplies a few rows (one per answer being generated) by every weight matrix, and PyTorch's
 default float32 matmul handles such thin products poorly on a CPU. `packed_linears(model)` makes a copy of each
 `nn.Linear` weight in oneDNN's own layout (`to_mkldnn`) once for a whole pass and runs the layer on it. On the
-2-core fp32 CPU, with the default model: a decoding step of 3 rows took 0.16 s instead of 0.43 s, of 48 rows 0.51 s
-instead of 0.78 s; 32 eval prompts with 128-token answers in batches of 16 took 67.8 s instead of 111.8 s, with the
-same answers (those two with the output head packed too). A prompt pass over many tokens ran about 5 % slower packed (48 prompts of 60 tokens: 17.7-18.5 s
-against 16.9-17.2 s), so passes that only run prompts (KL references, capability, healing's precomputation) stay
-dense.
+2-core fp32 CPU, with the default model and the output head packed too: a decoding step of 3 rows took 0.16 s
+instead of 0.43 s, of 48 rows 0.51 s instead of 0.78 s; 32 eval prompts with 128-token answers in batches of 16
+took 67.8 s instead of 111.8 s, with the same answers. A prompt pass over many tokens ran about 5 % slower packed
+(48 prompts of 60 tokens: 17.7-18.5 s against 16.9-17.2 s), so passes that only run prompts (KL references,
+capability, healing's precomputation, a direction pass without answers) stay dense.
 
-What changes during the pass is only each module's `forward`: the module objects, their parameters, their hooks
-(a live edit, healing's corrections, the activation recorder) stay where they are, and so do the dense weights: a
-model loaded from safetensors keeps them in the file's memory map, so dropping them would save nothing and
-restoring them would add a private copy. The packed copies are extra memory for the pass (the default model: 2 GB)
-and are freed, with the heap trimmed, when it ends; where the machine has less than 1.5 times that free, the pass
-runs on the dense weights. Weights must not change inside a pass (the packed copy would not see it). Skipped: the
-output head (a quarter of the default model's weights: packing it too raised the default abliteration's peak RSS
-above 6 GB), modules on another device or dtype, subclasses of `nn.Linear` (quantized or adapter layers), weights shared with
-another parameter (a tied output head), modules whose `forward` was already replaced. `DECCP_PACKED_LINEARS=0`
-turns it off.
+Only each module's `forward` changes during the pass: the modules, their parameters and their hooks (a live edit,
+healing's corrections, the activation recorder) stay, and so do the dense weights. A model loaded from
+safetensors keeps them in the file's memory map, so dropping them would save nothing and restoring them would add
+a private copy. The packed copies are extra memory for the pass and are freed, with the heap trimmed, when it ends;
+where the machine has less than 1.5 times their size free, the pass runs on the dense weights. Weights must not
+change inside a pass (the copy would not see it). Never packed: the output head (a quarter of the default model's
+weights; packing it too raised the default abliteration's peak RSS from 5.5 to 6.3 GB on a re-run), weights shared
+with another parameter, modules on another device or dtype, subclasses of `nn.Linear` (quantized or adapter
+layers), modules whose `forward` was already replaced. `DECCP_PACKED_LINEARS=0` turns it off.
 """
 
 from __future__ import annotations
