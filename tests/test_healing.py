@@ -184,6 +184,28 @@ def test_teacher_answers_targets_are_the_teacher_forced_distribution_of_its_own_
     assert cut[0].input_ids == examples[0].input_ids[:examples[0].n_prompt + 2] and cut[0].top_idx.shape == (2, 7)
 
 
+def test_step_top_k_matches_the_per_row_distribution_and_releases_each_step():
+    """Reducing the raw logits step by step gives each row's top-k log-probabilities, the first step renormalised
+    without the excluded tokens of that row only; every step's logits are let go once reduced."""
+    from deccp.abliteration.healing import _step_top_k
+
+    torch.manual_seed(0)
+    steps = [torch.randn(3, 50) for _ in range(4)]
+    full = torch.stack(steps, dim=1)  # (rows, steps, vocab), the layout reduced per row before
+    excluded = [None, [int(full[1, 0].argmax()), 5], []]
+    tops = _step_top_k(steps, 6, excluded)
+    assert steps == [None] * 4 and len(tops) == 4
+    for row in range(3):
+        raw = full[row].clone()
+        if excluded[row]:
+            raw[0, excluded[row]] = float("-inf")
+        val, idx = raw.log_softmax(-1).topk(6, dim=-1)
+        assert torch.equal(torch.stack([t[row] for _, t in tops]), idx)
+        assert torch.allclose(torch.stack([v[row] for v, _ in tops]), val)
+    assert int(full[1, 0].argmax()) not in tops[0][1][1].tolist() and 5 not in tops[0][1][1].tolist()
+    assert not torch.equal(tops[0][0][1], full[1, 0].log_softmax(-1).topk(6).values)  # row 1 was renormalised
+
+
 def _empty_targets(n: int):
     return torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1), torch.zeros(n)
 

@@ -168,20 +168,40 @@ def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answe
                 out = batch.generate(model, cache=cache, max_new_tokens=answer_tokens, do_sample=False, temperature=None,
                                      top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, output_logits=True,
                                      return_dict_in_generate=True, **extra)
-            logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab): raw, before any logits processor
+            steps, sequences = list(out.logits), out.sequences  # raw logits, before any logits processor
+            del out
+            answers = [sequences[row, width:].tolist() for row in range(len(idx))]
+            lengths = [next((k + 1 for k, t in enumerate(new) if t in stops), len(new)) for new in answers]
+            tops = _step_top_k(steps, top_k, [x[1] if x else None for x in starts])
             for row, i in enumerate(idx):
-                new = out.sequences[row, width:].tolist()
-                n = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
-                prompt_ids = batch.prompt_ids(row)
-                raw = logits[row, :n].float()
-                if starts[row] and starts[row][1]:
-                    raw[0, starts[row][1]] = float("-inf")
-                logp = raw.log_softmax(-1)
-                val, top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
-                examples[i] = HealExample(kind, prompt_ids + new[:n], len(prompt_ids), top.cpu(), val.cpu(),
-                                          _log_rest(val).cpu())
+                n, new, prompt_ids = lengths[row], answers[row], batch.prompt_ids(row)
+                val = torch.stack([v[row] for v, _ in tops[:n]])
+                top = torch.stack([t[row] for _, t in tops[:n]])
+                examples[i] = HealExample(kind, prompt_ids + new[:n], len(prompt_ids), top, val, _log_rest(val))
                 texts[i] = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
     return texts, [e for e in examples if e is not None]
+
+
+def _step_top_k(steps: list[torch.Tensor], top_k: int,
+                excluded: list[list[int] | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per generation step, the top-k log-probabilities and token ids of every row (CPU), from the raw logits
+    `steps[s]` (batch, vocab); row r's first-step distribution is renormalised without `excluded[r]`. Each step's
+    logits are released once reduced, so a batch never holds its (batch, steps, vocab) logits twice: with 48 rows
+    and 12 steps that copy alone is 350 MB in float32, and it was the peak of the whole abliteration run."""
+    out = []
+    for s in range(len(steps)):
+        raw = steps[s].float()
+        steps[s] = None  # type: ignore[call-overload]
+        if s == 0 and any(excluded):
+            raw = raw.clone()
+            for row, tokens in enumerate(excluded):
+                if tokens:
+                    raw[row, tokens] = float("-inf")
+        logp = raw.log_softmax(-1)
+        del raw
+        val, top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        out.append((val.cpu(), top.cpu()))
+    return out
 
 
 def answers_instead_of_refusals(model, tokenizer, prompts: list[Prompt], texts: list[str],
