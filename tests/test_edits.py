@@ -10,6 +10,7 @@ import torch
 from deccp import DeccpError
 from deccp.abliteration.directions import Directions
 from deccp.abliteration.edits import (
+    EditPlan,
     Kernel,
     LiveEdit,
     ModuleEdit,
@@ -56,6 +57,17 @@ def test_norm_preserving_keeps_column_norms():
     assert torch.allclose(out.norm(dim=0), W.norm(dim=0), atol=1e-10)
     c = column_scales(W, r, 0.8)
     assert (c >= 1).all()
+
+
+def test_plan_digest_changes_with_anything_the_edit_does():
+    r = torch.nn.functional.normalize(torch.randn(8, dtype=torch.float64), dim=0)
+    plan = EditPlan([ModuleEdit("model.layers.0.mlp.down_proj.weight", r, 1.0, True)])
+    assert plan.digest() == EditPlan([ModuleEdit("model.layers.0.mlp.down_proj.weight", r.clone(), 1.0, True)]).digest()
+    others = [plan.scaled(1.5), EditPlan([ModuleEdit("model.layers.0.mlp.down_proj.weight", r, 1.0, False)]),
+              EditPlan([ModuleEdit("model.layers.1.mlp.down_proj.weight", r, 1.0, True)]),
+              EditPlan([ModuleEdit("model.layers.0.mlp.down_proj.weight", -r, 1.0, True)]),
+              EditPlan(plan.edits, untie_embeddings=True)]
+    assert len({plan.digest(), *(o.digest() for o in others)}) == 6
 
 
 def test_kernel_shape():

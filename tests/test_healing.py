@@ -130,9 +130,15 @@ def test_run_with_healing_records_it(tiny_model_dir, tmp_path):
     assert again["healing"]["examples"] == record["healing"]["examples"]
     assert again["healing"]["loss_start"] == record["healing"]["loss_start"]  # the same targets, the same training
     assert again["healing"]["loss_end"] == record["healing"]["loss_end"]
+    # the edit's own answers and targets come back too, keyed by the edit, and counted apart from the unedited ones
+    assert not record["healing"]["edit_targets_cached"] and again["healing"]["edit_targets_cached"]
     shorter = run(dataclasses.replace(cfg, overwrite=True, check_capability=False, check_max_new_tokens=3),
                   log=lambda *_: None)
     assert shorter["unedited_cache_hits"] == 7  # only the check answers are new
+    assert shorter["healing"]["edit_targets_cached"]
+    other = run(dataclasses.replace(cfg, overwrite=True, check_capability=False, heal_edit_scale=1.5),
+                log=lambda *_: None)
+    assert not other["healing"]["edit_targets_cached"]  # another edit teaches: its answers are generated
 
 
 def test_plain_texts_are_train_gold_answers_balanced_over_languages():

@@ -98,6 +98,16 @@ class EditPlan:
             return self
         return EditPlan([replace(e, weight=e.weight * scale) for e in self.edits], self.untie_embeddings)
 
+    def digest(self) -> str:
+        """A hash of everything the edit does (modules, directions, weights, norm preservation), for cache keys."""
+        import hashlib
+
+        h = hashlib.sha256(f"untie={self.untie_embeddings}".encode())
+        for e in self.edits:
+            h.update(f"|{e.name}|{e.weight!r}|{e.norm_preserve}|".encode())
+            h.update(e.direction.detach().to(torch.float64).cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def by_name(self) -> dict[str, ModuleEdit]:
         return {e.name: e for e in self.edits}
 

@@ -237,13 +237,20 @@ def cached_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: 
         return teacher_answers(model, tokenizer, kind, prompts, recorder=recorder, **kw)
 
     def compute():
-        texts, examples = teacher_answers(model, tokenizer, kind, prompts, recorder=recorder, **kw)
-        tensors = {name: torch.cat([getattr(e, name) for e in examples]) for name in ("top_idx", "top_logp", "rest_logp")}
-        return tensors, {"texts": texts, "input_ids": [e.input_ids for e in examples],
-                         "n_prompt": [e.n_prompt for e in examples]}
+        return _to_entry(*teacher_answers(model, tokenizer, kind, prompts, recorder=recorder, **kw))
 
     key = [[render_prompt(tokenizer, p.text, system) for p in prompts], kind, answer_tokens, top_k, batch_size]
-    t, meta = cache.get_or_compute("heal-targets", key, compute)
+    return _from_entry(kind, *cache.get_or_compute("heal-targets", key, compute))
+
+
+def _to_entry(texts: list[str], examples: list[HealExample], **extra) -> tuple[dict[str, torch.Tensor], dict]:
+    """Answers and their targets as one cache entry: the examples' target rows concatenated, the rest as JSON."""
+    tensors = {name: torch.cat([getattr(e, name) for e in examples]) for name in ("top_idx", "top_logp", "rest_logp")}
+    return tensors, {"texts": texts, "input_ids": [e.input_ids for e in examples],
+                     "n_prompt": [e.n_prompt for e in examples], **extra}
+
+
+def _from_entry(kind: str, t: dict[str, torch.Tensor], meta: dict) -> tuple[list[str], list[HealExample]]:
     examples, at = [], 0
     for ids, n_prompt in zip(meta["input_ids"], meta["n_prompt"], strict=True):
         n = len(ids) - n_prompt
@@ -251,6 +258,45 @@ def cached_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: 
                                     t["rest_logp"][at:at + n]))
         at += n
     return meta["texts"], examples
+
+
+def edit_teacher_answers(cache: BaselineCache | None, model, tokenizer, prompts: list[Prompt], plan, cfg,
+                         log=print) -> tuple[list[str], list[HealExample], dict[str, int] | None]:
+    """The teacher answers of the edit `plan`, which the caller has live on `model`: its greedy answers and
+    targets, and with `heal_refusal_alternatives` an answer instead of each refusal. Through `cache`, keyed by
+    the edit itself (`plan.digest()`) besides the prompts and settings, so a re-run of the same edit reads them
+    back instead of generating them again (about a minute of a default run on a 2-core CPU). Returns the texts,
+    the examples and, with alternatives, {"refused", "answered_instead"}."""
+    from deccp.judges.refusal import is_refusal
+
+    kw = dict(answer_tokens=cfg.heal_answer_tokens, top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
+              system=cfg.system_prompt)
+
+    def generate():
+        texts, examples = teacher_answers(model, tokenizer, "edited", prompts, **kw)
+        refusals = None
+        if cfg.heal_refusal_alternatives:
+            t1 = time.time()
+            n_refused, n_answered = answers_instead_of_refusals(
+                model, tokenizer, prompts, texts, examples, alternatives=cfg.heal_refusal_alternatives,
+                is_refused=is_refusal, **kw)
+            refusals = {"refused": n_refused, "answered_instead": n_answered}
+            log(f"healing: the edit refused {n_refused} of {len(prompts)} prompts it teaches; {n_answered} answered "
+                f"from one of its next {cfg.heal_refusal_alternatives} most likely first tokens "
+                f"({time.time() - t1:.0f} s)")
+        return texts, examples, refusals
+
+    if cache is None or not prompts:
+        return generate()
+
+    def compute():
+        texts, examples, refusals = generate()
+        return _to_entry(texts, examples, edit_refusals=refusals)
+
+    key = [[render_prompt(tokenizer, p.text, cfg.system_prompt) for p in prompts], "edited", plan.digest(),
+           cfg.heal_answer_tokens, cfg.heal_top_k, cfg.batch_size, cfg.heal_refusal_alternatives]
+    tensors, meta = cache.get_or_compute("heal-edit-targets", key, compute)
+    return (*_from_entry("edited", tensors, meta), meta["edit_refusals"])
 
 
 def text_targets(model, tokenizer, texts: list[str], *, max_tokens: int, top_k: int,
@@ -290,13 +336,15 @@ class HealResult:
     losses: list[float]
     seconds: float
     edit_refusals: dict[str, int] | None = None  # heal_refusal_alternatives: refused by the edit, answered instead
+    edit_targets_cached: bool = False  # the edit's answers and targets came from the cache
 
     def summary(self) -> dict:
         first = self.losses[:max(1, len(self.losses) // 10)]
         last = self.losses[-max(1, len(self.losses) // 10):]
         return {"examples": self.examples, "steps": len(self.losses), "modules": len(self.deltas),
                 "loss_start": round(sum(first) / len(first), 5), "loss_end": round(sum(last) / len(last), 5),
-                "edit_refusals": self.edit_refusals, "seconds": round(self.seconds, 2)}
+                "edit_refusals": self.edit_refusals, "edit_targets_cached": self.edit_targets_cached,
+                "seconds": round(self.seconds, 2)}
 
 
 class LowRankAdapters:
@@ -746,19 +794,15 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     # the edit's own behaviour (at `heal_edit_scale`) is the target where the original refused wrongly:
     # sensitive prompts, and harmless prompts it refused (other countries' politics and history)
     ps = _balanced(prompts.get("sensitive", []), cfg.heal_prompts) + [p for p, r in refused if r]
-    with LiveEdit(model, plan.scaled(cfg.heal_edit_scale)):
-        texts, found = answers("edited", ps)
-        edit_refusals = None
-        if cfg.heal_refusal_alternatives:
-            t1 = time.time()
-            n_refused, n_answered = answers_instead_of_refusals(
-                model, tokenizer, ps, texts, found, alternatives=cfg.heal_refusal_alternatives, is_refused=is_refusal,
-                answer_tokens=cfg.heal_answer_tokens, top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
-                system=cfg.system_prompt)
-            edit_refusals = {"refused": n_refused, "answered_instead": n_answered}
-            log(f"healing: the edit refused {n_refused} of {len(ps)} prompts it teaches; {n_answered} answered from "
-                f"one of its next {cfg.heal_refusal_alternatives} most likely first tokens ({time.time() - t1:.0f} s)")
+    teacher = plan.scaled(cfg.heal_edit_scale)
+    edit_cache = BaselineCache(cache.root, cache.model_key) if cache is not None else None  # hits counted apart
+    with LiveEdit(model, teacher):
+        _, found, edit_refusals = edit_teacher_answers(edit_cache, model, tokenizer, ps, teacher, cfg, log)
         examples += found
+    edit_cached = bool(edit_cache and edit_cache.hits)
+    if edit_cached:
+        log(f"healing: the edit's answers and targets for {len(ps)} prompts read from the cache (the same edit ran "
+            "before)")
     stack.enter_context(LiveEdit(model, plan))
     counts["sensitive"] = len(ps) - sum(r for _, r in refused)
     counts["harmless_refused"] = sum(r for _, r in refused)
@@ -795,10 +839,10 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
         e.lower = e.prompt_kv = None
     adapters.for_inference(next(model.parameters()).dtype)
     release_memory()  # training's buffers: keep them out of the later peaks
-    return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals)
+    return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals, edit_cached)
 
 
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
-           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "first_corrected_layer", "fix_prompt_states",
+           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "edit_teacher_answers", "first_corrected_layer", "fix_prompt_states",
            "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts", "teacher_answers",
            "text_targets", "train"]
