@@ -293,8 +293,12 @@ def edit_teacher_answers(cache: BaselineCache | None, model, tokenizer, prompts:
         texts, examples, refusals = generate()
         return _to_entry(texts, examples, edit_refusals=refusals)
 
+    from deccp import __version__
+
+    # the refusal judge's verdicts are part of the entry (which alternative replaced a refusal): a new deccp version,
+    # whose judge may differ, computes them again
     key = [[render_prompt(tokenizer, p.text, cfg.system_prompt) for p in prompts], "edited", plan.digest(),
-           cfg.heal_answer_tokens, cfg.heal_top_k, cfg.batch_size, cfg.heal_refusal_alternatives]
+           cfg.heal_answer_tokens, cfg.heal_top_k, cfg.batch_size, cfg.heal_refusal_alternatives, __version__]
     tensors, meta = cache.get_or_compute("heal-edit-targets", key, compute)
     return (*_from_entry("edited", tensors, meta), meta["edit_refusals"])
 
@@ -759,7 +763,7 @@ def first_corrected_layer(heal_layers: str | int, plan, layers) -> int:
 def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
          log=print, cache: BaselineCache | None = None) -> HealResult:
     """Targets from the original (harmless answered, harmful refused; through `cache`) and from the live edit
-    (sensitive, harmless refused), then LoRA training on top of the edit. Enters the edit and the adapters into
+    (sensitive, harmless refused; through `cache` too, keyed by the edit), then LoRA training on top of the edit. Enters the edit and the adapters into
     `stack`: until it closes, the model is the healed one (the caller measures it there); closing it restores
     the original exactly."""
     from deccp.abliteration.directions import decoder_layers
