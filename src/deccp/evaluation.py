@@ -15,7 +15,6 @@ from deccp.data.schema import LABELS, Prompt
 from deccp.generation import GenerationCache, GenerationSettings, generate
 from deccp.metrics import rate_ci
 from deccp.models import cache_dir, fingerprint, inference_dtype, load_model, resolve_model
-from deccp.packed import packed_linears
 
 logger = logging.getLogger(__name__)
 
@@ -170,19 +169,18 @@ def evaluate_model(spec: str, cfg: EvalConfig, prompts: list[Prompt], *, loaded:
     path, model, tok, fp = loaded.path, loaded.model, loaded.tokenizer, loaded.fingerprint
     root = Path(cfg.generation_cache) if cfg.generation_cache else cache_dir() / "generations"
     answers: dict[str, list[str]] = {}
-    with packed_linears(model):  # one packing for both generation passes
-        for long in (True, False):
-            subset = [p for p in prompts if (p.kind == "sensitive" or p.kind.startswith("extra:")) == long]
-            if not subset:
-                continue
-            settings = GenerationSettings(
-                max_new_tokens=cfg.sensitive_max_new_tokens if long else cfg.short_max_new_tokens,
-                batch_size=cfg.batch_size, do_sample=cfg.do_sample, num_samples=cfg.num_samples, seed=cfg.seed,
-                system_prompt=cfg.system_prompt)
-            cache = GenerationCache(root, fp, settings)
-            outs = generate(model, tok, [p.text for p in subset], settings, cache=cache,
-                            desc=f"{Path(path).name}: {'sensitive' if long else 'harmless/harmful'}")
-            answers.update({p.text: a for p, a in zip(subset, outs, strict=True)})
+    for long in (True, False):  # each pass packs its weights only when something is not cached (generate_samples)
+        subset = [p for p in prompts if (p.kind == "sensitive" or p.kind.startswith("extra:")) == long]
+        if not subset:
+            continue
+        settings = GenerationSettings(
+            max_new_tokens=cfg.sensitive_max_new_tokens if long else cfg.short_max_new_tokens,
+            batch_size=cfg.batch_size, do_sample=cfg.do_sample, num_samples=cfg.num_samples, seed=cfg.seed,
+            system_prompt=cfg.system_prompt)
+        cache = GenerationCache(root, fp, settings)
+        outs = generate(model, tok, [p.text for p in subset], settings, cache=cache,
+                        desc=f"{Path(path).name}: {'sensitive' if long else 'harmless/harmful'}")
+        answers.update({p.text: a for p, a in zip(subset, outs, strict=True)})
     timings["generate"] = round(time.time() - t0, 1)
     t = time.time()
     llm = None

@@ -1,14 +1,14 @@
 """On-disk cache of what the unedited model does: its short greedy answers and first-token log-probabilities
 (selection and check baselines), the healing targets it teaches, the example answers shown before the edit.
 
-An edit never changes these, yet they are most of a re-run's cost on a CPU: trying other edit settings with
-`make abliterate` would otherwise generate them again. One kind of entry does depend on the edit: the healing
-targets the edit teaches (`healing.edit_teacher_answers`), keyed by the edit's own digest besides the rest, so
-re-running the same edit (other healing steps or learning rate, another output) reads them back. Entries are keyed by the model's fingerprint and
-compute dtype, the chat-rendered prompts (so the template and system prompt count) and every setting that
-changes the numbers (answer length, batch size, which pads differently). Each entry is one safetensors file
-whose metadata holds the JSON part; it is written to a temporary name and renamed, so a killed run leaves no
-half entry behind.
+An edit never changes these, yet they are most of a re-run's cost on a CPU: trying other edit settings with `make
+abliterate` would otherwise generate them again. One kind of entry does depend on the edit: the healing targets the
+edit teaches (`healing.edit_teacher_answers`), keyed by the edit's own digest besides the rest, so re-running the
+same edit (other healing steps or learning rate, another output) reads them back. Entries are keyed by the model's
+fingerprint and compute dtype, the chat-rendered prompts (so the template and system prompt count) and every setting
+that changes the numbers (answer length, batch size, which pads differently). Each entry is one safetensors file
+whose metadata holds the JSON part; it is written to a temporary name and renamed, so a killed run leaves no half
+entry behind.
 """
 
 from __future__ import annotations

@@ -763,9 +763,9 @@ def first_corrected_layer(heal_layers: str | int, plan, layers) -> int:
 def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
          log=print, cache: BaselineCache | None = None) -> HealResult:
     """Targets from the original (harmless answered, harmful refused; through `cache`) and from the live edit
-    (sensitive, harmless refused; through `cache` too, keyed by the edit), then LoRA training on top of the edit. Enters the edit and the adapters into
-    `stack`: until it closes, the model is the healed one (the caller measures it there); closing it restores
-    the original exactly."""
+    (sensitive, harmless refused; through `cache` too, keyed by the edit), then LoRA training on top of the edit.
+    Enters the edit and the adapters into `stack`: until it closes, the model is the healed one (the caller
+    measures it there); closing it restores the original exactly."""
     from deccp.abliteration.directions import decoder_layers
     from deccp.abliteration.edits import LiveEdit
     from deccp.judges.refusal import is_refusal
@@ -847,6 +847,6 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
 
 
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
-           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "edit_teacher_answers", "first_corrected_layer", "fix_prompt_states",
-           "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts", "teacher_answers",
-           "text_targets", "train"]
+           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "edit_teacher_answers", "first_corrected_layer",
+           "fix_prompt_states", "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts",
+           "teacher_answers", "text_targets", "train"]

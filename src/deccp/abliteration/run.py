@@ -253,8 +253,7 @@ def run(cfg: AbliterationConfig, *, log=print) -> dict:
         else:
             edited.enter_context(LiveEdit(model, plan))
         if baseline is not None:
-            with packed_linears(model):  # one packing for the measure and the examples
-                check = check_after(model, tok, baseline, cfg)
+            check = check_after(model, tok, baseline, cfg)
             t = lap("check", t)
             timings["check"] = round(timings["check"] + baseline_s, 2)
     unedited = scorer.base.to_dict() if scorer is not None else None
@@ -327,13 +326,14 @@ def _capability(model, tok, cfg: AbliterationConfig) -> dict | None:
 
 def check_after(model, tok, baseline: CheckBaseline, cfg: AbliterationConfig) -> dict:
     """Refusal and KL of the model as it is now (edited) against the baseline, and the example answers."""
-    after = baseline.scorer.measure()
-    answers = _example_answers(model, tok, baseline.examples, cfg)
+    with packed_linears(model):  # one packing for the measure and the examples
+        after = baseline.scorer.measure()
+        answers = _example_answers(model, tok, baseline.examples, cfg)
     examples = [{"prompt": p.text, "lang": p.lang, "before": x, "after": y}
                 for p, x, y in zip(baseline.examples, baseline.answers, answers, strict=True)]
     out = {"split": cfg.check_split, "before": _with_ci(baseline.scorer.base), "after": _with_ci(after),
            "examples": examples}
-    if baseline.capability is not None:
+    if baseline.capability is not None:  # after the packing: a pass over prompts only runs faster dense
         from deccp.capability import compare
 
         out["capability"] = compare(baseline.capability, _capability(model, tok, cfg))
