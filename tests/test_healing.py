@@ -16,10 +16,10 @@ from deccp.abliteration.directions import ResidualRecorder, collect_activations
 from deccp.abliteration.edits import EditPlan, ModuleEdit
 from deccp.abliteration.healing import (
     _balanced,
-    answers_instead_of_refusals,
     coarse_kl,
     heal,
     plain_texts,
+    replace_unwanted_answers,
     teacher_answers,
     text_targets,
 )
@@ -381,8 +381,8 @@ def test_refused_teacher_answers_are_replaced_by_answers_from_the_next_likely_fi
     assert from_rank(0, 2) not in refusing and texts[1] not in refusing  # the tiny model's answers differ enough
     kept = list(examples)
     got_texts, got = list(texts), list(examples)
-    counts = answers_instead_of_refusals(model, tok, ps, got_texts, got, alternatives=2,
-                                         is_refused=lambda t, lang: t in refusing, **kw)
+    counts = replace_unwanted_answers(model, tok, ps, got_texts, got, alternatives=2,
+                                      unwanted=lambda t, lang: t in refusing, **kw)
     assert counts == (2, 1)
     assert got_texts == [from_rank(0, 2), texts[1], texts[2]] and got[1] is kept[1] and got[2] is kept[2]
 
@@ -402,7 +402,7 @@ def test_refused_teacher_answers_are_replaced_by_answers_from_the_next_likely_fi
 
 
 def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir, monkeypatch):
-    """heal_refusal_alternatives: the edit-taught examples go through `answers_instead_of_refusals` (with the
+    """heal_refusal_alternatives: the edit-taught examples go through `replace_unwanted_answers` (with the
     edit live, before training) and what it put in their place is what training gets; the counts are recorded."""
     import deccp.abliteration.healing as healing
     import deccp.judges.refusal as refusal
@@ -418,7 +418,7 @@ def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir,
     with LiveEdit(model, plan), torch.no_grad():
         edited_logits = model(ids).logits.clone()
 
-    def spy(model, tokenizer, ps, texts, examples, *, alternatives, is_refused, **kw):
+    def spy(model, tokenizer, ps, texts, examples, *, alternatives, unwanted, **kw):
         with torch.no_grad():
             caught["edit_live"] = torch.allclose(model(ids).logits, edited_logits, atol=1e-5)
         caught["alternatives"], caught["prompts"] = alternatives, [p.text for p in ps]
@@ -426,7 +426,7 @@ def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir,
         caught["replaced"] = examples[0]
         return 3, 1
 
-    monkeypatch.setattr(healing, "answers_instead_of_refusals", spy)
+    monkeypatch.setattr(healing, "replace_unwanted_answers", spy)
     monkeypatch.setattr(healing, "train", lambda model, adapters, examples, **kw: caught.setdefault("ex", examples)
                         and [0.0])
     with contextlib.ExitStack() as stack:
@@ -442,16 +442,78 @@ def test_heal_teaches_the_edits_answers_in_place_of_its_refusals(tiny_model_dir,
     printed = format_summary({"healing": result.summary(), "timings_s": {"total": 1.0}})
     assert "still refused 3 of the prompts" in printed and "1 taught an answer" in printed
     with contextlib.ExitStack() as stack:  # off by default: never called
-        monkeypatch.setattr(healing, "answers_instead_of_refusals", None)
+        monkeypatch.setattr(healing, "replace_unwanted_answers", None)
         assert heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4, heal_harmful=False),
                     log=lambda *_: None).edit_refusals is None
+
+
+def test_heal_teaches_the_originals_refusals_where_it_complied_with_harmful_prompts(tiny_model_dir, monkeypatch,
+                                                                                     tmp_path):
+    """heal_harmful_refusals: the original's answers to the harmful prompts go through `replace_unwanted_answers`
+    with the original itself live (no edit) and compliance as the unwanted answer; a replacement the judge calls
+    a refusal is then taught like any refused harmful prompt, the counts are recorded and printed, and a second
+    run reads the replacements back from the cache instead of generating them again."""
+    import deccp.abliteration.healing as healing
+    import deccp.judges.refusal as refusal
+    from deccp.abliteration.baseline_cache import BaselineCache
+    from deccp.abliteration.run import format_summary
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    plan = _plan(model)
+    prompts = {k: [p for p in load_prompts(f"ours:{k}:train") if p.lang in ("en", "zh")][:4]
+               for k in ("harmless", "harmful", "sensitive")}
+    monkeypatch.setattr(refusal, "is_refusal", lambda text, lang: text == "REFUSED")  # the original complies
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        original_logits = model(ids).logits.clone()
+    caught: dict = {"calls": 0}
+
+    def spy(model, tokenizer, ps, texts, examples, *, alternatives, unwanted, **kw):
+        caught["calls"] += 1
+        with torch.no_grad():
+            caught["original_live"] = torch.allclose(model(ids).logits, original_logits, atol=1e-6)
+        caught["alternatives"], caught["prompts"] = alternatives, [p.text for p in ps]
+        caught["unwanted"] = (unwanted("Sure, here is how", "en"), unwanted("REFUSED", "en"))
+        texts[1] = "REFUSED"
+        examples[1] = dataclasses.replace(examples[1], top_logp=examples[1].top_logp * 0)
+        return len(ps), 1
+
+    monkeypatch.setattr(healing, "replace_unwanted_answers", spy)
+    monkeypatch.setattr(healing, "train", lambda model, adapters, examples, **kw: caught.setdefault("ex", examples)
+                        and [0.0])
+    cache = BaselineCache(tmp_path, "m")
+    cfg = _cfg(heal_prompts=4, heal_harmful_refusals=3)
+    with contextlib.ExitStack() as stack:
+        result = heal(model, tok, plan, stack, prompts, cfg, log=lambda *_: None, cache=cache)
+    assert caught["calls"] == 1 and caught["original_live"] and caught["alternatives"] == 3
+    assert caught["prompts"] == [p.text for p in _balanced(prompts["harmful"], 4)]
+    assert caught["unwanted"] == (True, False)  # a compliance is unwanted, a refusal is what is looked for
+    harmful = [e for e in caught["ex"] if e.kind == "harmful"]
+    assert len(harmful) == 1 and torch.equal(harmful[0].top_logp, torch.zeros_like(harmful[0].top_logp))
+    assert result.examples["harmful"] == 1
+    assert result.harmful_refusals == {"answered": 4, "refused_instead": 1}
+    assert result.summary()["harmful_refusals"] == {"answered": 4, "refused_instead": 1}
+    printed = format_summary({"healing": result.summary(), "timings_s": {"total": 1.0}})
+    assert "original answered 4 of the harmful prompts" in printed and "1 taught its refusal" in printed
+
+    del caught["ex"]
+    with contextlib.ExitStack() as stack:  # the same prompts and settings: read back, not generated again
+        again = heal(model, tok, plan, stack, prompts, cfg, log=lambda *_: None, cache=cache)
+    assert caught["calls"] == 1 and again.harmful_refusals == result.harmful_refusals
+    harmful = [e for e in caught["ex"] if e.kind == "harmful"]
+    assert len(harmful) == 1 and torch.equal(harmful[0].top_logp, torch.zeros_like(harmful[0].top_logp))
+    with contextlib.ExitStack() as stack:  # off by default: never called
+        monkeypatch.setattr(healing, "replace_unwanted_answers", None)
+        assert heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4),
+                    log=lambda *_: None).harmful_refusals is None
 
 
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
                                          ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
                                          ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0),
                                          ("heal_layers", "upper"), ("heal_layers", "-1"), ("heal_harmful_weight", 0.0),
-                                         ("heal_refusal_alternatives", -1), ("heal_prompt_states", "stale"),
+                                         ("heal_refusal_alternatives", -1), ("heal_harmful_refusals", -1),
+                                         ("heal_prompt_states", "stale"),
                                          ("heal_prompt_states", "fixed")])
 def test_bad_healing_settings_are_rejected(field, value):
     with pytest.raises(DeccpError, match=field):

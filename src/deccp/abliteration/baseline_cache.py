@@ -1,5 +1,6 @@
 """On-disk cache of what the unedited model does: its short greedy answers and first-token log-probabilities
-(selection and check baselines), the healing targets it teaches, the example answers shown before the edit.
+(selection and check baselines), the healing targets it teaches (with the refusals it would give where it complied
+with a harmful request), the example answers shown before the edit.
 
 An edit never changes these, yet they are most of a re-run's cost on a CPU: trying other edit settings with `make
 abliterate` would otherwise generate them again. One kind of entry does depend on the edit: the healing targets the

@@ -86,6 +86,9 @@ class AbliterationConfig:
     heal_refusal_alternatives: int = field(default=0, metadata={
         "help": "where the edit itself still refuses a prompt it teaches, answer from each of its next N most likely "
                 "first tokens and teach the first answer that is not a refusal (0: off)"})
+    heal_harmful_refusals: int = field(default=0, metadata={
+        "help": "where the original answered a harmful prompt, ask it again from each of its next N most likely first "
+                "tokens and teach the first answer that is a refusal (0: off; with heal_harmful)"})
     heal_top_k: int = field(default=64, metadata={"help": "teacher tokens kept per position (the rest is one bucket)"})
     heal_texts: int = field(default=0, metadata={
         "help": "plain texts (our train-split gold answers, no chat template) on which the original's next-token "
@@ -140,6 +143,8 @@ class AbliterationConfig:
                      "heal_text_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: at least 1")
+        if self.heal_harmful_refusals < 0:
+            problems.append("heal_harmful_refusals: at least 0")
         if self.heal_refusal_alternatives < 0:
             problems.append("heal_refusal_alternatives: at least 0")
         if self.heal_texts < 0:

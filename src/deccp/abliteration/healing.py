@@ -33,7 +33,7 @@ from typing import TypeVar
 import torch
 
 from deccp import DeccpError
-from deccp.abliteration.baseline_cache import BaselineCache
+from deccp.abliteration.baseline_cache import BaselineCache, cached
 from deccp.abliteration.directions import ResidualRecorder
 from deccp.chat import render_prompt
 from deccp.data.schema import Prompt
@@ -204,27 +204,34 @@ def _step_top_k(steps: list[torch.Tensor], top_k: int,
     return out
 
 
-def answers_instead_of_refusals(model, tokenizer, prompts: list[Prompt], texts: list[str],
-                                examples: list[HealExample], *, alternatives: int, is_refused, **kw) -> tuple[int, int]:
-    """Where the teacher's answer (`texts[i]`, `examples[i]`) is a refusal by `is_refused(text, lang)`, answer
-    again from each of the teacher's next `alternatives` most likely first tokens (in one generation pass); the
-    first of them, in the teacher's order, whose answer is not a refusal replaces `texts[i]` and `examples[i]` in
-    place, with the teacher conditioned on not starting with the tokens ranked above it. This equals asking again
-    without the refusal's first token, then without the next refusal's too, and so on. Prompts refused every
-    time keep their refusal. `kw`: `teacher_answers`' settings. Returns (refused, answered now)."""
-    todo = [i for i, (p, t) in enumerate(zip(prompts, texts, strict=True)) if is_refused(t, p.lang)]
-    rows = [(i, j) for i in todo for j in range(1, min(alternatives, examples[i].top_idx.shape[1] - 1) + 1)]
-    if not rows:
-        return len(todo), 0
+def replace_unwanted_answers(model, tokenizer, prompts: list[Prompt], texts: list[str],
+                             examples: list[HealExample], *, alternatives: int, unwanted, **kw) -> tuple[int, int]:
+    """Where the teacher's answer (`texts[i]`, `examples[i]`) is unwanted by `unwanted(text, lang)` (a refusal
+    of a sensitive prompt, a compliance with a harmful one), answer again from the teacher's next most likely
+    first tokens, up to `alternatives` of them; the first of them, in the teacher's order, whose answer is not
+    unwanted replaces `texts[i]` and `examples[i]` in place, with the teacher conditioned on not starting with
+    the tokens ranked above it. This equals asking again without the unwanted answer's first token, then without
+    the next one's too, and so on. One generation pass per rank, over the prompts no earlier rank answered well.
+    Prompts answered unwantedly every time keep their first answer.
+    `kw`: `teacher_answers`' settings. Returns (unwanted, replaced)."""
+    todo = [i for i, (p, t) in enumerate(zip(prompts, texts, strict=True)) if unwanted(t, p.lang)]
     ranked = {i: examples[i].top_idx[0].tolist() for i in todo}  # the teacher's first tokens, most likely first
-    new_texts, new_examples = teacher_answers(model, tokenizer, examples[todo[0]].kind, [prompts[i] for i, _ in rows],
-                                              start_with=[(ranked[i][j], ranked[i][:j]) for i, j in rows], **kw)
-    answered: set[int] = set()
-    for (i, _), t, e in zip(rows, new_texts, new_examples, strict=True):
-        if i not in answered and not is_refused(t, prompts[i].lang):
-            texts[i], examples[i] = t, e
-            answered.add(i)
-    return len(todo), len(answered)
+    left, replaced = list(todo), 0
+    for j in range(1, alternatives + 1):
+        left = [i for i in left if j < len(ranked[i])]  # a teacher keeps top_k first tokens
+        if not left:
+            break
+        new_texts, new_examples = teacher_answers(model, tokenizer, examples[left[0]].kind, [prompts[i] for i in left],
+                                                  start_with=[(ranked[i][j], ranked[i][:j]) for i in left], **kw)
+        still = []
+        for i, t, e in zip(left, new_texts, new_examples, strict=True):
+            if unwanted(t, prompts[i].lang):
+                still.append(i)
+            else:
+                texts[i], examples[i] = t, e
+                replaced += 1
+        left = still
+    return len(todo), replaced
 
 
 def cached_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: str, prompts: list[Prompt], *,
@@ -277,9 +284,9 @@ def edit_teacher_answers(cache: BaselineCache | None, model, tokenizer, prompts:
         refusals = None
         if cfg.heal_refusal_alternatives:
             t1 = time.time()
-            n_refused, n_answered = answers_instead_of_refusals(
+            n_refused, n_answered = replace_unwanted_answers(
                 model, tokenizer, prompts, texts, examples, alternatives=cfg.heal_refusal_alternatives,
-                is_refused=is_refusal, **kw)
+                unwanted=is_refusal, **kw)
             refusals = {"refused": n_refused, "answered_instead": n_answered}
             log(f"healing: the edit refused {n_refused} of {len(prompts)} prompts it teaches; {n_answered} answered "
                 f"from one of its next {cfg.heal_refusal_alternatives} most likely first tokens "
@@ -301,6 +308,39 @@ def edit_teacher_answers(cache: BaselineCache | None, model, tokenizer, prompts:
            cfg.heal_answer_tokens, cfg.heal_top_k, cfg.batch_size, cfg.heal_refusal_alternatives, __version__]
     tensors, meta = cache.get_or_compute("heal-edit-targets", key, compute)
     return (*_from_entry("edited", tensors, meta), meta["edit_refusals"])
+
+
+def harmful_refusal_targets(cache: BaselineCache | None, model, tokenizer, prompts: list[Prompt], texts: list[str],
+                            examples: list[HealExample], cfg,
+                            log=print) -> tuple[list[str], list[HealExample], dict[str, int]]:
+    """The original's answers to harmful prompts (`texts`, `examples`, from `heal_teacher_answers`) with each
+    compliance replaced, where one of its next `heal_harmful_refusals` most likely first tokens leads to a refusal,
+    by that refusal (`replace_unwanted_answers`): the original's own way of declining, taught where it would have
+    complied. The caller has the unedited model live. Through `cache` (the unedited model's), keyed by the prompts,
+    the settings and the deccp version (the entry holds the refusal judge's verdicts). Returns the texts, the
+    examples and {"answered", "refused_instead"}."""
+    from deccp import __version__
+    from deccp.judges.refusal import is_refusal
+
+    kw = dict(answer_tokens=cfg.heal_answer_tokens, top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
+              system=cfg.system_prompt)
+
+    def compute():
+        t0 = time.time()
+        got_texts, got = list(texts), list(examples)
+        n_answered, n_refused = replace_unwanted_answers(
+            model, tokenizer, prompts, got_texts, got, alternatives=cfg.heal_harmful_refusals,
+            unwanted=lambda text, lang: not is_refusal(text, lang), **kw)
+        log(f"healing: the original answered {n_answered} of {len(prompts)} harmful prompts; {n_refused} refused from "
+            f"one of its next {cfg.heal_harmful_refusals} most likely first tokens ({time.time() - t0:.0f} s)")
+        return _to_entry(got_texts, got, counts={"answered": n_answered, "refused_instead": n_refused})
+
+    if not prompts:
+        return texts, examples, {"answered": 0, "refused_instead": 0}
+    key = [[render_prompt(tokenizer, p.text, cfg.system_prompt) for p in prompts], "harmful", cfg.heal_answer_tokens,
+           cfg.heal_top_k, cfg.batch_size, cfg.heal_harmful_refusals, __version__]
+    tensors, meta = cached(cache, "heal-harmful-refusals", key, compute)
+    return (*_from_entry("harmful", tensors, meta), meta["counts"])
 
 
 def text_targets(model, tokenizer, texts: list[str], *, max_tokens: int, top_k: int,
@@ -341,6 +381,7 @@ class HealResult:
     seconds: float
     edit_refusals: dict[str, int] | None = None  # heal_refusal_alternatives: refused by the edit, answered instead
     edit_targets_cached: bool = False  # the edit's answers and targets came from the cache
+    harmful_refusals: dict[str, int] | None = None  # heal_harmful_refusals: answered by the original, refused instead
 
     def summary(self) -> dict:
         first = self.losses[:max(1, len(self.losses) // 10)]
@@ -348,7 +389,7 @@ class HealResult:
         return {"examples": self.examples, "steps": len(self.losses), "modules": len(self.deltas),
                 "loss_start": round(sum(first) / len(first), 5), "loss_end": round(sum(last) / len(last), 5),
                 "edit_refusals": self.edit_refusals, "edit_targets_cached": self.edit_targets_cached,
-                "seconds": round(self.seconds, 2)}
+                "harmful_refusals": self.harmful_refusals, "seconds": round(self.seconds, 2)}
 
 
 class LowRankAdapters:
@@ -778,6 +819,7 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
 
     examples: list[HealExample] = []
     counts: dict[str, int] = {}
+    harmful_refusals = None
     original = original_teacher_prompts(prompts, cfg)
     harmless = original["harmless"]
     texts, found = answers("harmless", harmless, cache)
@@ -787,6 +829,9 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     if cfg.heal_harmful:
         ps = original["harmful"]
         texts, found = answers("harmful", ps, cache)
+        if cfg.heal_harmful_refusals:  # the original's refusal where it complied, when it has one close by
+            texts, found, harmful_refusals = harmful_refusal_targets(cache, model, tokenizer, ps, texts, found, cfg,
+                                                                     log)
         kept = [e for e, p, t in zip(found, ps, texts, strict=True) if is_refusal(t, p.lang)]
         examples += kept
         counts["harmful"] = len(kept)
@@ -843,10 +888,11 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
         e.lower = e.prompt_kv = None
     adapters.for_inference(next(model.parameters()).dtype)
     release_memory()  # training's buffers: keep them out of the later peaks
-    return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals, edit_cached)
+    return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals, edit_cached,
+                      harmful_refusals)
 
 
-__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "answers_instead_of_refusals",
-           "cache_lower_layers", "cached_teacher_answers", "coarse_kl", "edit_teacher_answers", "first_corrected_layer",
-           "fix_prompt_states", "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts",
-           "teacher_answers", "text_targets", "train"]
+__all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "cache_lower_layers",
+           "cached_teacher_answers", "coarse_kl", "edit_teacher_answers", "first_corrected_layer", "fix_prompt_states",
+           "harmful_refusal_targets", "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts",
+           "replace_unwanted_answers", "teacher_answers", "text_targets", "train"]

@@ -397,6 +397,10 @@ def format_summary(record: dict) -> str:
             r = h["edit_refusals"]
             lines.append(f"  the edit still refused {r['refused']} of the prompts it teaches; "
                          f"{r['answered_instead']} taught an answer from a next likely first token instead")
+        if h.get("harmful_refusals"):
+            r = h["harmful_refusals"]
+            lines.append(f"  the original answered {r['answered']} of the harmful prompts healing reads; "
+                         f"{r['refused_instead']} taught its refusal from a next likely first token instead")
     lines.append("")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in record["timings_s"].items()))
     return "\n".join(lines)
