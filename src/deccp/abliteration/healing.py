@@ -6,7 +6,8 @@ teacher per prompt kind, so that it cannot simply learn the removed refusals bac
 
 - harmless prompts the original answered -> the original model (undo the collateral damage);
 - harmful prompts the original refused -> the original model (keep refusing genuinely harmful requests;
-  `heal_harmful`);
+  `heal_harmful`); with `heal_harmful_refusals`, also those it complied with where one of its next most likely
+  first tokens leads to a refusal, which is then the target;
 - sensitive prompts, and harmless prompts the original refused -> the edited model itself, before healing
   (keep those refusals removed);
 - optionally plain texts (our train-split gold answers, no chat template) -> the original, at every position
@@ -803,10 +804,11 @@ def first_corrected_layer(heal_layers: str | int, plan, layers) -> int:
 
 def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str, list[Prompt]], cfg,
          log=print, cache: BaselineCache | None = None) -> HealResult:
-    """Targets from the original (harmless answered, harmful refused; through `cache`) and from the live edit
-    (sensitive, harmless refused; through `cache` too, keyed by the edit), then LoRA training on top of the edit.
-    Enters the edit and the adapters into `stack`: until it closes, the model is the healed one (the caller
-    measures it there); closing it restores the original exactly."""
+    """Targets from the original (harmless answered, harmful refused, or refused instead with
+    `heal_harmful_refusals`; through `cache`) and from the live edit (sensitive, harmless refused; through `cache`
+    too, keyed by the edit), then LoRA training on top of the edit. Enters the edit and the adapters into
+    `stack`: until it closes, the model is the healed one (the caller measures it there); closing it restores the
+    original exactly."""
     from deccp.abliteration.directions import decoder_layers
     from deccp.abliteration.edits import LiveEdit
     from deccp.judges.refusal import is_refusal
