@@ -125,6 +125,13 @@ class _ForceFirstToken:
         return forced
 
 
+def teacher_settings(cfg) -> dict:
+    """`teacher_answers`' settings from an abliteration config: the one place that fixes how healing asks any
+    teacher (the original, the edit, their replacement answers) for its answers and targets."""
+    return dict(answer_tokens=cfg.heal_answer_tokens, top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
+                system=cfg.system_prompt)
+
+
 @torch.no_grad()
 def teacher_answers(model, tokenizer, kind: str, prompts: list[Prompt], *, answer_tokens: int, top_k: int,
                     batch_size: int, system: str | None = None,
@@ -277,8 +284,7 @@ def edit_teacher_answers(cache: BaselineCache | None, model, tokenizer, prompts:
     the examples and, with alternatives, {"refused", "answered_instead"}."""
     from deccp.judges.refusal import is_refusal
 
-    kw = dict(answer_tokens=cfg.heal_answer_tokens, top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
-              system=cfg.system_prompt)
+    kw = teacher_settings(cfg)
 
     def generate():
         texts, examples = teacher_answers(model, tokenizer, "edited", prompts, **kw)
@@ -323,8 +329,7 @@ def harmful_refusal_targets(cache: BaselineCache | None, model, tokenizer, promp
     from deccp import __version__
     from deccp.judges.refusal import is_refusal
 
-    kw = dict(answer_tokens=cfg.heal_answer_tokens, top_k=cfg.heal_top_k, batch_size=cfg.batch_size,
-              system=cfg.system_prompt)
+    kw = teacher_settings(cfg)
 
     def compute():
         t0 = time.time()
@@ -773,11 +778,9 @@ def _balanced(items: list[_T], n: int) -> list[_T]:
 
 def heal_teacher_answers(cache: BaselineCache | None, model, tokenizer, kind: str, prompts: list[Prompt], cfg,
                          recorder: ResidualRecorder | None = None) -> tuple[list[str], list[HealExample]]:
-    """`cached_teacher_answers` with `cfg`'s healing settings: the one place that fixes how `heal` asks for a
-    teacher's answers, so an earlier pass that stores them (the direction pass) stores what `heal` will read."""
-    return cached_teacher_answers(cache, model, tokenizer, kind, prompts, answer_tokens=cfg.heal_answer_tokens,
-                                  top_k=cfg.heal_top_k, batch_size=cfg.batch_size, system=cfg.system_prompt,
-                                  recorder=recorder)
+    """`cached_teacher_answers` with `cfg`'s healing settings (`teacher_settings`), so an earlier pass that stores
+    them (the direction pass) stores what `heal` will read."""
+    return cached_teacher_answers(cache, model, tokenizer, kind, prompts, recorder=recorder, **teacher_settings(cfg))
 
 
 def original_teacher_prompts(prompts: dict[str, list[Prompt]], cfg) -> dict[str, list[Prompt]]:
@@ -897,4 +900,4 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "cache_lower_layers",
            "cached_teacher_answers", "coarse_kl", "edit_teacher_answers", "first_corrected_layer", "fix_prompt_states",
            "harmful_refusal_targets", "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts",
-           "replace_unwanted_answers", "teacher_answers", "text_targets", "train"]
+           "replace_unwanted_answers", "teacher_answers", "teacher_settings", "text_targets", "train"]
