@@ -15,10 +15,13 @@ from deccp.abliteration.config import AbliterationConfig
 from deccp.abliteration.directions import ResidualRecorder, collect_activations
 from deccp.abliteration.edits import EditPlan, ModuleEdit
 from deccp.abliteration.healing import (
+    HealExample,
     _balanced,
     coarse_kl,
+    drop_first_tokens,
     heal,
     plain_texts,
+    refusal_openers,
     replace_unwanted_answers,
     teacher_answers,
     text_targets,
@@ -508,11 +511,100 @@ def test_heal_teaches_the_originals_refusals_where_it_complied_with_harmful_prom
                     log=lambda *_: None).harmful_refusals is None
 
 
+def _example_over(dist: torch.Tensor, first: int, k: int) -> HealExample:
+    """A teacher example whose answer starts with `first`, with the top-`k` of `dist` (n_answer, vocab) as targets."""
+    logp = dist.log()
+    val, idx = logp.topk(k, dim=-1)
+    rest = torch.log(-torch.expm1(torch.logsumexp(val, -1).clamp(max=-1e-6)))
+    return HealExample("edited", [1, 2, first, 4], 2, idx, val, rest)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_drop_first_tokens_lowers_the_openers_and_renormalises_the_first_position_only(share):
+    dist = torch.tensor([[0.05, 0.30, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05],
+                         [0.30, 0.20, 0.10, 0.10, 0.10, 0.10, 0.05, 0.05]])
+    e = _example_over(dist, first=3, k=6)  # token 0 and token 7 fall in the rest bucket
+    kept_logp, kept_rest = e.top_logp.clone(), e.rest_logp.clone()
+    views = (e.top_logp, e.rest_logp)
+    moved = drop_first_tokens(e, {1, 3, 7}, share)  # 3 is the answer's own first token: kept; 7 is not in the top-k
+    assert moved == pytest.approx(0.30 * (1 - share))
+    p = dict(zip(e.top_idx[0].tolist(), e.top_logp[0].exp().tolist(), strict=True))
+    norm = 1 - 0.30 * (1 - share)
+    assert p[1] == pytest.approx(0.30 * share / norm, abs=1e-6)
+    for t in (2, 3, 4, 5):
+        assert p[t] == pytest.approx(float(dist[0, t]) / norm, rel=1e-5)
+    assert float(e.rest_logp[0].exp()) == pytest.approx(0.10 / norm, rel=1e-4)
+    assert sum(p.values()) + float(e.rest_logp[0].exp()) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(e.top_logp[1], kept_logp[1]) and e.rest_logp[1] == kept_rest[1]  # later positions: as they were
+    assert torch.equal(views[0], kept_logp) and torch.equal(views[1], kept_rest)  # cached rows are not written into
+    assert drop_first_tokens(_example_over(dist, first=1, k=6), {1}, share) == 0.0  # its own opener: nothing moves
+
+
+def test_refusal_openers_are_the_first_answer_tokens():
+    dist = torch.full((2, 8), 1 / 8)
+    assert refusal_openers([_example_over(dist, 5, 4), _example_over(dist, 6, 4), _example_over(dist, 5, 4)]) == {5, 6}
+
+
+def test_heal_drops_the_originals_refusal_openers_from_the_edits_first_tokens(tiny_model_dir, monkeypatch):
+    """heal_refusal_openers: the first tokens of the original's refusals among the healing answers (harmful prompts
+    it refused, harmless ones it refused) leave the first position of every example the edit teaches; the examples
+    the original teaches keep their targets; the tokens are recorded and printed."""
+    import deccp.abliteration.healing as healing
+    import deccp.judges.refusal as refusal
+    from deccp.abliteration.run import format_summary
+
+    model, tok = load_model(tiny_model_dir("qwen2"), dtype="float32")
+    plan = _plan(model)
+    prompts = {k: [p for p in load_prompts(f"ours:{k}:train") if p.lang in ("en", "zh")][:4]
+               for k in ("harmless", "harmful", "sensitive")}
+    harmless = {p.text for p in prompts["harmless"][:2]}  # two harmless prompts refused by the original
+    caught: dict = {}
+    real = healing.teacher_answers
+
+    def answers(model, tokenizer, kind, ps, **kw):
+        texts, examples = real(model, tokenizer, kind, ps, **kw)
+        caught.setdefault(kind, [e.input_ids[e.n_prompt] for e in examples])
+        if kind == "harmless":
+            texts = ["REFUSED" if p.text in harmless else t for p, t in zip(ps, texts, strict=True)]
+        if kind == "harmful":
+            texts = ["REFUSED"] * len(ps)
+        return texts, examples
+
+    monkeypatch.setattr(healing, "teacher_answers", answers)
+    monkeypatch.setattr(refusal, "is_refusal", lambda text, lang: text == "REFUSED")
+    monkeypatch.setattr(healing, "train", lambda model, adapters, examples, **kw: caught.setdefault("ex", examples)
+                        and [0.0])
+    with contextlib.ExitStack() as stack:
+        plain = heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4), log=lambda *_: None)
+    plain_ex = caught.pop("ex")
+    assert plain.refusal_openers is None
+    caught.clear()
+    with contextlib.ExitStack() as stack:
+        result = heal(model, tok, plan, stack, prompts, _cfg(heal_prompts=4, heal_refusal_openers=1.0),
+                      log=lambda *_: None)
+    order = [p.text for p in _balanced(prompts["harmless"], 4)]
+    openers = set(caught["harmful"]) | {t for p, t in zip(order, caught["harmless"], strict=True) if p in harmless}
+    assert openers and result.refusal_openers["tokens"] == sorted(tok.decode([t]) for t in openers)
+    assert result.refusal_openers["mean_moved"] > 0
+    assert [e.kind for e in caught["ex"]] == [e.kind for e in plain_ex] and sum(e.kind == "edited" for e in plain_ex) == 6
+    for e, was in zip(caught["ex"], plain_ex, strict=True):
+        if e.kind != "edited":  # the original's targets are untouched
+            assert torch.equal(e.top_logp, was.top_logp) and torch.equal(e.rest_logp, was.rest_logp)
+            continue
+        assert torch.equal(e.top_logp[1:], was.top_logp[1:]) and e.input_ids == was.input_ids
+        p = dict(zip(e.top_idx[0].tolist(), e.top_logp[0].exp().tolist(), strict=True))
+        assert all(p[t] < 1e-20 for t in openers if t in p and t != e.input_ids[e.n_prompt])
+        assert sum(p.values()) + float(e.rest_logp[0].exp()) == pytest.approx(1.0, abs=1e-4)
+    printed = format_summary({"healing": result.summary(), "timings_s": {"total": 1.0}})
+    assert "without the original's refusal openers" in printed
+
+
 @pytest.mark.parametrize("field,value", [("heal_steps", 0), ("heal_learning_rate", 0.0), ("heal_target_modules", []),
                                          ("heal_texts", -1), ("heal_text_tokens", 0), ("check_capability_limit", 0),
                                          ("heal_edit_scale", 0.0), ("heal_edit_scale", 4.0),
                                          ("heal_layers", "upper"), ("heal_layers", "-1"), ("heal_harmful_weight", 0.0),
                                          ("heal_refusal_alternatives", -1), ("heal_harmful_refusals", -1),
+                                         ("heal_refusal_openers", -0.1), ("heal_refusal_openers", 1.5),
                                          ("heal_prompt_states", "stale"),
                                          ("heal_prompt_states", "fixed")])
 def test_bad_healing_settings_are_rejected(field, value):

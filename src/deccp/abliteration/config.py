@@ -89,6 +89,10 @@ class AbliterationConfig:
     heal_harmful_refusals: int = field(default=0, metadata={
         "help": "where the original answered a harmful prompt, ask it again from each of its next N most likely first "
                 "tokens and teach the first answer that is a refusal (0: off; with heal_harmful)"})
+    heal_refusal_openers: float = field(default=0.0, metadata={
+        "help": "share of their probability that the tokens with which the original opened its refusals of the "
+                "healing prompts lose at the first answer position of every target the edit teaches (1: all of it; "
+                "0: off); the rest is renormalised, and an answer's own first token keeps its probability"})
     heal_top_k: int = field(default=64, metadata={"help": "teacher tokens kept per position (the rest is one bucket)"})
     heal_texts: int = field(default=0, metadata={
         "help": "plain texts (our train-split gold answers, no chat template) on which the original's next-token "
@@ -147,6 +151,8 @@ class AbliterationConfig:
             problems.append("heal_harmful_refusals: at least 0")
         if self.heal_refusal_alternatives < 0:
             problems.append("heal_refusal_alternatives: at least 0")
+        if not 0 <= self.heal_refusal_openers <= 1:
+            problems.append("heal_refusal_openers: from 0 to 1")
         if self.heal_texts < 0:
             problems.append("heal_texts: at least 0")
         if self.check_capability_limit is not None and self.check_capability_limit < 1:

@@ -9,7 +9,8 @@ teacher per prompt kind, so that it cannot simply learn the removed refusals bac
   `heal_harmful`); with `heal_harmful_refusals`, also those it complied with where one of its next most likely
   first tokens leads to a refusal, which is then the target;
 - sensitive prompts, and harmless prompts the original refused -> the edited model itself, before healing
-  (keep those refusals removed);
+  (keep those refusals removed); with `heal_refusal_openers`, its first answer position without the tokens that
+  open the original's own refusals;
 - optionally plain texts (our train-split gold answers, no chat template) -> the original, at every position
   (`heal_texts`): general language modelling, which the edit also perturbs and capability probes measure.
 
@@ -371,6 +372,33 @@ def plain_texts(langs: list[str], n: int, seed: int = 0) -> list[str]:
     return [a.gold for a in _balanced(golds, n)]
 
 
+def refusal_openers(refusals: list[HealExample]) -> set[int]:
+    """The tokens that open these answers (the original's refusals): the first token of each."""
+    return {e.input_ids[e.n_prompt] for e in refusals if len(e.input_ids) > e.n_prompt}
+
+
+def drop_first_tokens(example: HealExample, tokens: set[int], share: float = 1.0) -> float:
+    """Lower the teacher's probability of `tokens` at the first answer position to `share` of itself (0: gone) and
+    renormalise the rest, in place; the answer's own first token is never lowered. Returns the probability moved."""
+    first = example.input_ids[example.n_prompt]
+    idx, logp = example.top_idx[0], example.top_logp[0]
+    mask = torch.tensor([int(t) in tokens and int(t) != first for t in idx.tolist()], dtype=torch.bool)
+    if not mask.any():
+        return 0.0
+    moved = float(logp[mask].exp().sum()) * (1 - share)
+    if moved <= 0:
+        return 0.0
+    norm = math.log1p(-min(moved, 1 - 1e-6))
+    new = logp - norm
+    new[mask] = logp[mask] + (math.log(share) if share > 0 else -60.0) - norm
+    example.top_logp = example.top_logp.clone()
+    example.top_logp[0] = new
+    rest = example.rest_logp.clone()
+    rest[0] = rest[0] - norm
+    example.rest_logp = rest
+    return moved
+
+
 def coarse_kl(student_logp: torch.Tensor, ex_idx: torch.Tensor, ex_logp: torch.Tensor, ex_rest: torch.Tensor):
     """KL(teacher || student) over the teacher's top-k tokens plus one bucket for the rest, per position."""
     s_top = student_logp.gather(-1, ex_idx)
@@ -388,6 +416,7 @@ class HealResult:
     edit_refusals: dict[str, int] | None = None  # heal_refusal_alternatives: refused by the edit, answered instead
     edit_targets_cached: bool = False  # the edit's answers and targets came from the cache
     harmful_refusals: dict[str, int] | None = None  # heal_harmful_refusals: answered by the original, refused instead
+    refusal_openers: dict | None = None  # heal_refusal_openers: {"tokens", "mean_moved"}
 
     def summary(self) -> dict:
         first = self.losses[:max(1, len(self.losses) // 10)]
@@ -395,7 +424,8 @@ class HealResult:
         return {"examples": self.examples, "steps": len(self.losses), "modules": len(self.deltas),
                 "loss_start": round(sum(first) / len(first), 5), "loss_end": round(sum(last) / len(last), 5),
                 "edit_refusals": self.edit_refusals, "edit_targets_cached": self.edit_targets_cached,
-                "harmful_refusals": self.harmful_refusals, "seconds": round(self.seconds, 2)}
+                "harmful_refusals": self.harmful_refusals, "refusal_openers": self.refusal_openers,
+                "seconds": round(self.seconds, 2)}
 
 
 class LowRankAdapters:
@@ -809,7 +839,8 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
          log=print, cache: BaselineCache | None = None) -> HealResult:
     """Targets from the original (harmless answered, harmful refused, or refused instead with
     `heal_harmful_refusals`; through `cache`) and from the live edit (sensitive, harmless refused; through `cache`
-    too, keyed by the edit), then LoRA training on top of the edit. Enters the edit and the adapters into
+    too, keyed by the edit; less the original's refusal openers with `heal_refusal_openers`), then LoRA training on
+    top of the edit. Enters the edit and the adapters into
     `stack`: until it closes, the model is the healed one (the caller measures it there); closing it restores the
     original exactly."""
     from deccp.abliteration.directions import decoder_layers
@@ -828,6 +859,7 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     original = original_teacher_prompts(prompts, cfg)
     harmless = original["harmless"]
     texts, found = answers("harmless", harmless, cache)
+    harmless_found = found
     refused = [(p, is_refusal(t, p.lang)) for p, t in zip(harmless, texts, strict=True)]
     examples += [e for e, (_, r) in zip(found, refused, strict=True) if not r]
     counts["harmless"] = sum(not r for _, r in refused)
@@ -857,6 +889,17 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     if edit_cached:
         log(f"healing: the edit's answers and targets for {len(ps)} prompts read from the cache (the same edit ran "
             "before)")
+    openers = None
+    if cfg.heal_refusal_openers:  # the edit's targets lose the openers of the original's own refusals
+        refusals = [e for e in examples if e.kind == "harmful"] + [e for e, (_, r) in zip(harmless_found, refused,
+                                                                                           strict=True) if r]
+        tokens = refusal_openers(refusals)
+        moved = [drop_first_tokens(e, tokens, 1 - cfg.heal_refusal_openers) for e in found]
+        openers = {"tokens": sorted(tokenizer.decode([t]) for t in tokens),
+                   "mean_moved": round(sum(moved) / max(1, len(moved)), 4)}
+        log(f"healing: the original opens its refusals with {', '.join(map(repr, openers['tokens']))}; at the first "
+            f"answer position of the edit's targets they keep {1 - cfg.heal_refusal_openers:.0%} of their "
+            f"probability ({openers['mean_moved']:.3f} moved to the other tokens on average)")
     stack.enter_context(LiveEdit(model, plan))
     counts["sensitive"] = len(ps) - sum(r for _, r in refused)
     counts["harmless_refused"] = sum(r for _, r in refused)
@@ -894,10 +937,11 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     adapters.for_inference(next(model.parameters()).dtype)
     release_memory()  # training's buffers: keep them out of the later peaks
     return HealResult(adapters.deltas(), counts, losses, time.time() - t0, edit_refusals, edit_cached,
-                      harmful_refusals)
+                      harmful_refusals, openers)
 
 
 __all__ = ["HealExample", "HealResult", "LowRankDelta", "LowRankAdapters", "LowerLayers", "cache_lower_layers",
-           "cached_teacher_answers", "coarse_kl", "edit_teacher_answers", "first_corrected_layer", "fix_prompt_states",
-           "harmful_refusal_targets", "heal", "heal_teacher_answers", "original_teacher_prompts", "plain_texts",
-           "replace_unwanted_answers", "teacher_answers", "teacher_settings", "text_targets", "train"]
+           "cached_teacher_answers", "coarse_kl", "drop_first_tokens", "edit_teacher_answers", "first_corrected_layer",
+           "fix_prompt_states", "harmful_refusal_targets", "heal", "heal_teacher_answers", "original_teacher_prompts",
+           "plain_texts", "refusal_openers", "replace_unwanted_answers", "teacher_answers", "teacher_settings",
+           "text_targets", "train"]

@@ -401,6 +401,10 @@ def format_summary(record: dict) -> str:
             r = h["harmful_refusals"]
             lines.append(f"  the original answered {r['answered']} of the harmful prompts healing reads; "
                          f"{r['refused_instead']} taught its refusal from a next likely first token instead")
+        if h.get("refusal_openers"):
+            r = h["refusal_openers"]
+            lines.append(f"  the edit's first answer tokens taught without the original's refusal openers "
+                         f"({', '.join(map(repr, r['tokens']))}; {r['mean_moved']:.3f} of the probability moved)")
     lines.append("")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in record["timings_s"].items()))
     return "\n".join(lines)
