@@ -859,8 +859,8 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
     original = original_teacher_prompts(prompts, cfg)
     harmless = original["harmless"]
     texts, found = answers("harmless", harmless, cache)
-    harmless_found = found
     refused = [(p, is_refusal(t, p.lang)) for p, t in zip(harmless, texts, strict=True)]
+    original_refusals = [e for e, (_, r) in zip(found, refused, strict=True) if r]  # their openers: see below
     examples += [e for e, (_, r) in zip(found, refused, strict=True) if not r]
     counts["harmless"] = sum(not r for _, r in refused)
     if cfg.heal_harmful:
@@ -891,9 +891,7 @@ def heal(model, tokenizer, plan, stack: contextlib.ExitStack, prompts: dict[str,
             "before)")
     openers = None
     if cfg.heal_refusal_openers:  # the edit's targets lose the openers of the original's own refusals
-        refusals = [e for e in examples if e.kind == "harmful"] + [e for e, (_, r) in zip(harmless_found, refused,
-                                                                                           strict=True) if r]
-        tokens = refusal_openers(refusals)
+        tokens = refusal_openers(original_refusals + [e for e in examples if e.kind == "harmful"])
         moved = [drop_first_tokens(e, tokens, 1 - cfg.heal_refusal_openers) for e in found]
         openers = {"tokens": sorted(tokenizer.decode([t]) for t in tokens),
                    "mean_moved": round(sum(moved) / max(1, len(moved)), 4)}
